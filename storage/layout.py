@@ -1,0 +1,49 @@
+"""Where every output of a run lives: the storage contract of DESIGN.md in one place."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    root: Path
+    run_id: str
+
+    @property
+    def catalog(self) -> Path:
+        return self.root / "catalog.duckdb"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "runs" / self.run_id
+
+    def split_dir(self, split: str) -> Path:  # pool, validation, test
+        return self.run_dir / split
+
+    def iter_dir(self, iteration: int) -> Path:
+        return self.run_dir / f"iter-{iteration:03d}"
+
+    def scores_dir(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "scores"
+
+    def weights(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "weights.parquet"
+
+    def refine_dir(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "refine"
+
+    def generations_dir(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "generations"
+
+    def generation_weights_dir(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "generation_weights"
+
+    def train_set(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "train_set.parquet"
+
+    def adapter(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "adapter"
+
+    def evaluation(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "evaluation.parquet"

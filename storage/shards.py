@@ -1,0 +1,120 @@
+"""Parquet shard store: atomic writes, manifests written last, verification on read.
+
+A shard is complete when its manifest exists and the file's row count and sha256 match it. The manifest is
+written after the data file is renamed into place, so a process killed at any point leaves either no
+visible shard, or a shard without a manifest (which counts as missing and is recomputed).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST_SUFFIX = ".manifest.json"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(table: pa.Table, path: Path, producer: str = "") -> dict:
+    """Write `table` to `path` atomically and then its manifest; return the manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    manifest = {
+        "path": path.name,
+        "rows": table.num_rows,
+        "sha256": sha256_file(path),
+        "producer": producer,
+        "created_at": time.time(),
+    }
+    _write_atomic(manifest_path(path), json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def read_manifest(path: Path) -> dict | None:
+    mpath = manifest_path(Path(path))
+    if not mpath.exists():
+        return None
+    try:
+        return json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a corrupt manifest means the shard is not complete
+
+
+def shard_is_complete(path: Path) -> bool:
+    """True when the shard and its manifest exist and the file matches the manifest's sha256."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None or not path.exists():
+        return False
+    return manifest.get("sha256") == sha256_file(path)
+
+
+def read_shard(path: Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+def list_shards(directory: Path) -> list[Path]:
+    """Complete shards in `directory`, in name order (incomplete ones are ignored)."""
+    directory = Path(directory)
+    if not directory.exists():
+        return []
+    return [p for p in sorted(directory.glob("shard-*.parquet")) if shard_is_complete(p)]
+
+
+def write_directory_manifest(directory: Path, producer: str = "") -> dict:
+    """Manifest for a directory output (an adapter): sha256 of every file, written last."""
+    directory = Path(directory)
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != "MANIFEST.json"}
+    manifest = {"files": files, "producer": producer, "created_at": time.time()}
+    _write_atomic(directory / "MANIFEST.json", json.dumps(manifest, indent=1).encode())
+    return manifest
+
+
+def directory_is_complete(directory: Path) -> bool:
+    directory = Path(directory)
+    mpath = directory / "MANIFEST.json"
+    if not mpath.exists():
+        return False
+    try:
+        files = json.loads(mpath.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return False
+    return all((directory / name).exists() and sha256_file(directory / name) == digest for name, digest in files.items())
+
+
+def directory_digest(directory: Path) -> str:
+    """One sha256 over a complete directory's manifest: the adapter part of a model fingerprint."""
+    return hashlib.sha256((Path(directory) / "MANIFEST.json").read_bytes()).hexdigest()

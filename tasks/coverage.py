@@ -1,0 +1,40 @@
+"""Coverage per source after an iteration: which pool questions still have a training response, and how
+concentrated the weights are (entropy of the normalized weights, Kish effective sample size)."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+
+from storage.shards import read_shard
+
+
+def coverage_rows(pool_shards: list[Path], train_set: Path) -> list[dict]:
+    pool = pa.concat_tables([read_shard(p, columns=["question_id", "source"]) for p in pool_shards])
+    train = read_shard(train_set, columns=["question_id", "source", "weight", "origin"])
+    questions = defaultdict(set)
+    for q, s in zip(pool["question_id"].to_pylist(), pool["source"].to_pylist()):
+        questions[s].add(q)
+    kept, regenerated, weights = defaultdict(set), defaultdict(int), defaultdict(list)
+    for q, s, w, origin in zip(*(train[c].to_pylist() for c in ("question_id", "source", "weight", "origin"))):
+        if origin == "validation":
+            continue
+        kept[s].add(q)
+        regenerated[s] += origin == "generated"
+        weights[s].append(w)
+    rows = []
+    for source in sorted(questions):
+        w = weights[source]
+        total = sum(w)
+        p = [x / total for x in w if x > 0] if total else []
+        rows.append({
+            "source": source,
+            "questions_total": len(questions[source]),
+            "questions_kept": len(kept[source] & questions[source]),
+            "responses_regenerated": regenerated[source],
+            "weight_entropy": -sum(x * math.log(x) for x in p),
+            "effective_sample_size": total ** 2 / sum(x * x for x in w) if total else 0.0,
+        })
+    return rows

@@ -1,0 +1,251 @@
+"""Input formats: read a file row by row, and turn each row into a (prompt, response) pair.
+
+Files: `.json` (an array of rows, or an object holding one list of rows), `.jsonl`, `.parquet`, a Hugging
+Face `save_to_disk` directory, or a plain directory of such files; `.csv` only for prompt lists.
+
+Rows: the format is detected per row from its keys, so one file may mix formats:
+
+    Alpaca    {"instruction": ..., "input": ... (optional), "output": ...}
+    ShareGPT  {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}
+    chat      {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
+    plain     {"prompt": ..., "response": ...}  or  {"question": ..., "answer": ...}
+
+Keys the format does not use (e.g. "label") are kept in `Pair.meta`. A null value counts as a missing key,
+because Parquet and Hugging Face tables fill absent columns with nulls.
+"""
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.shards import MANIFEST_SUFFIX
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
+BATCH_ROWS = 1024  # rows per Arrow batch when reading Parquet / HF datasets
+USER_ROLES = {"human", "user"}
+ASSISTANT_ROLES = {"gpt", "assistant"}
+
+
+class IngestError(ValueError):
+    """A whole input cannot be read; the message starts with the file (and line, where known)."""
+
+
+def _is_hf_dir(path: Path) -> bool:
+    return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+
+
+def source_files(path: Path) -> list[Path]:
+    """What one source path reads as: the file, a Hugging Face dataset directory, or a folder's data files."""
+    if not path.exists():
+        raise IngestError(f"{path}: no such file or directory")
+    if path.is_dir():
+        if _is_hf_dir(path):
+            return [path]
+        # Shard manifests are JSON too, "." files are temporaries and "_" files markers (_SUCCESS.json).
+        files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in DATA_SUFFIXES
+                 and not p.name.startswith((".", "_")) and not p.name.endswith(MANIFEST_SUFFIX)]
+        if not files:
+            raise IngestError(f"{path}: directory holds no .json, .jsonl or .parquet files")
+        return files
+    if path.suffix not in DATA_SUFFIXES:
+        raise IngestError(f"{path}: unsupported file type; expected .json, .jsonl, .parquet or a directory")
+    return [path]
+
+
+def iter_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
+    """(row number, parsed row or RowError, the row's original text if it has one) for each row."""
+    if path.is_dir():
+        return _iter_hf(path)
+    return {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}[path.suffix](path)
+
+
+def _iter_jsonl(path: Path):
+    # Binary, line by line: memory stays flat, and one bad line is quarantined instead of stopping ingest.
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line_no == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if not line.strip():
+                continue  # blank lines are not rows
+            try:
+                s = line.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield line_no, RowError("invalid_encoding", "", f"not UTF-8: {e}"), line.decode("utf-8", "replace")
+                continue
+            try:
+                value = json.loads(s)
+            except json.JSONDecodeError as e:
+                value = RowError("invalid_json", "", str(e))
+            yield line_no, value, s
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise IngestError(f"{path}: line {line}: not valid UTF-8 ({e.reason})") from None
+
+
+def _iter_json(path: Path):
+    try:
+        doc = json.loads(_decode(path))
+    except json.JSONDecodeError as e:
+        raise IngestError(f"{path}: line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    if isinstance(doc, dict):  # {"data": [...]}: an object holding one list of rows
+        lists = [v for v in doc.values() if isinstance(v, list)]
+        doc = lists[0] if len(lists) == 1 else doc
+    if not isinstance(doc, list):
+        raise IngestError(f"{path}: line 1: expected a JSON array of rows or an object holding one list of rows")
+    for index, row in enumerate(doc):
+        yield index, row, None
+
+
+def _iter_arrow_rows(batches):
+    index = 0
+    for batch in batches:
+        for row in batch.to_pylist():
+            yield index, row, None
+            index += 1
+
+
+def _iter_parquet(path: Path):
+    try:
+        yield from _iter_arrow_rows(pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS))
+    except (pa.ArrowException, OSError) as e:
+        raise IngestError(f"{path}: unreadable Parquet file: {e}") from None
+
+
+def _iter_hf(path: Path):
+    import datasets  # heavy; only needed for Hugging Face dataset directories
+
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError, pa.ArrowException) as e:
+        raise IngestError(f"{path}: unreadable Hugging Face dataset: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise IngestError(f"{path}: no 'train' split in this DatasetDict; available splits: {', '.join(ds)}")
+        ds = ds["train"]
+    yield from _iter_arrow_rows(ds.with_format("arrow").iter(batch_size=BATCH_ROWS))
+
+
+def iter_csv(path: Path):
+    reader = csv.DictReader(io.StringIO(_decode(path), newline=""))
+    try:
+        for row in reader:
+            yield reader.line_num, row, None
+    except csv.Error as e:
+        raise IngestError(f"{path}: line {reader.line_num}: invalid CSV: {e}") from None
+
+
+class RowError(Exception):
+    """A row that cannot be used; `reason` is one of the quarantine reasons, `field` names the culprit."""
+
+    def __init__(self, reason: str, field: str = "", detail: str = ""):
+        super().__init__(f"{reason}: {field}: {detail}")
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+@dataclass
+class Pair:
+    prompt: str
+    response: str
+    prompt_field: str  # where the prompt came from, e.g. "instruction" or "conversations[1].value"
+    response_field: str
+    meta: dict = field(default_factory=dict)  # "system", "extra_turns", and the row's unused keys
+
+
+def to_pair(row) -> Pair:
+    """Detect the row's format and extract its pair; raises RowError for anything unusable."""
+    if not isinstance(row, dict):
+        raise RowError("unknown_format", "", f"expected an object, got {type(row).__name__}")
+    present = {k for k, v in row.items() if v is not None}
+    if "conversations" in present:
+        return _from_turns(row, "conversations", "from", "value", ("human", "gpt"))
+    if "messages" in present:
+        return _from_turns(row, "messages", "role", "content", ("user", "assistant"))
+    if "instruction" in present:
+        return _from_alpaca(row)
+    if "prompt" in present:
+        return _from_columns(row, "prompt", "response")
+    if "question" in present:
+        return _from_columns(row, "question", "answer")
+    keys = ", ".join(sorted(map(str, row))[:20])
+    raise RowError("unknown_format", "", f"no recognised keys among: {keys}")
+
+
+def text(value, field: str) -> str:
+    """`value` as a usable string: present, a str, no NUL byte, encodable as UTF-8 (no lone surrogates)."""
+    if value is None:
+        raise RowError("missing_field", field, "missing or null")
+    if not isinstance(value, str):
+        raise RowError("wrong_type", field, f"expected a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise RowError("invalid_encoding", field, "contains a NUL byte")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape in JSON
+        raise RowError("invalid_encoding", field, str(e)) from None
+    return value
+
+
+def alpaca_prompt(instruction: str, extra_input: str) -> str:
+    return f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
+
+
+def _unused(row: dict, used: set[str]) -> dict:
+    return {k: v for k, v in row.items() if k not in used and v is not None}
+
+
+def _from_alpaca(row: dict) -> Pair:
+    instruction = text(row.get("instruction"), "instruction")
+    extra_input = "" if row.get("input") is None else text(row["input"], "input")
+    output = text(row.get("output"), "output")
+    meta = _unused(row, {"instruction", "input", "output"})
+    return Pair(alpaca_prompt(instruction, extra_input), output, "instruction", "output", meta)
+
+
+def _from_columns(row: dict, prompt_key: str, response_key: str) -> Pair:
+    prompt = text(row.get(prompt_key), prompt_key)
+    response = text(row.get(response_key), response_key)
+    return Pair(prompt, response, prompt_key, response_key, _unused(row, {prompt_key, response_key}))
+
+
+def _from_turns(row: dict, key: str, role_key: str, text_key: str, names: tuple[str, str]) -> Pair:
+    """First user turn -> prompt, first assistant turn after it -> response; other turns are only counted."""
+    turns = row[key]
+    if not isinstance(turns, list):
+        raise RowError("wrong_type", key, f"expected a list of turns, got {type(turns).__name__}")
+    roles = [_role(turn, f"{key}[{i}]", role_key) for i, turn in enumerate(turns)]
+    user = next((i for i, r in enumerate(roles) if r in USER_ROLES), None)
+    if user is None:
+        raise RowError("missing_field", f"{key}.{names[0]}", f"no {names[0]} turn")
+    reply = next((i for i in range(user + 1, len(roles)) if roles[i] in ASSISTANT_ROLES), None)
+    if reply is None:
+        raise RowError("missing_field", f"{key}.{names[1]}", f"no {names[1]} turn after the first {names[0]} turn")
+    prompt_field, response_field = f"{key}[{user}].{text_key}", f"{key}[{reply}].{text_key}"
+    prompt = text(turns[user].get(text_key), prompt_field)
+    response = text(turns[reply].get(text_key), response_field)
+    meta = _unused(row, {key})
+    system = next((i for i, r in enumerate(roles) if r == "system"), None)
+    if system is not None:
+        meta["system"] = text(turns[system].get(text_key), f"{key}[{system}].{text_key}")
+    # Only one exchange is trained on; the count says how much of the dialogue was left out.
+    meta["extra_turns"] = len(turns) - 2 - (system is not None)
+    return Pair(prompt, response, prompt_field, response_field, meta)
+
+
+def _role(turn, where: str, role_key: str) -> str:
+    if not isinstance(turn, dict):
+        raise RowError("wrong_type", where, f"expected an object, got {type(turn).__name__}")
+    return text(turn.get(role_key), f"{where}.{role_key}").lower()

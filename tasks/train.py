@@ -1,0 +1,111 @@
+"""Weighted LoRA SFT: loss = sum_i w_i l_i / sum_i w_i over each batch, adapter saved in Hugging Face format.
+
+The training set is written first (train_set.parquet: which responses, with which weight, from where), so the
+catalog can say which adapter was trained on which responses. Each iteration continues the previous
+iteration's adapter; the adapter directory appears only complete (staging dir, manifest, rename).
+"""
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from storage.shards import directory_is_complete, read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
+from tasks.models import load_model
+from tasks.nll import batch_nll
+from tasks.tokens import collate, encode_pairs
+
+TRAIN_SET_SCHEMA = pa.schema([
+    ("sample_id", pa.string()), ("question_id", pa.string()), ("source", pa.string()), ("prompt", pa.string()),
+    ("response", pa.string()), ("weight", pa.float64()), ("origin", pa.string()),
+])
+
+
+def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[str], generation_shards: list[Path],
+                    generation_weight_shards: list[Path], validation_shards: list[Path], out_path: Path,
+                    producer: str = "") -> dict:
+    """Selected pool pairs (minus refined questions) + weighted generations (+ validation for direct mixing)."""
+    if shard_is_complete(out_path):
+        return {**read_manifest(out_path), "skipped": True}
+    columns = ["sample_id", "question_id", "source", "prompt", "response"]
+    pool = pa.concat_tables([read_shard(p, columns=columns) for p in pool_shards])
+    weights = read_shard(weights_path, columns=["sample_id", "weight", "selected"])
+    weight_of = dict(zip(weights["sample_id"].to_pylist(), weights["weight"].to_pylist()))
+    keep = [weight_of[s] > 0 and q not in refined
+            for s, q in zip(pool["sample_id"].to_pylist(), pool["question_id"].to_pylist())]
+    pool = pool.filter(pa.array(keep))
+    parts = [pool.append_column("weight", pa.array([weight_of[s] for s in pool["sample_id"].to_pylist()], pa.float64()))
+             .append_column("origin", pa.array(["pool"] * pool.num_rows))]
+    for gen_path, weight_path in zip(generation_shards, generation_weight_shards):
+        gen = read_shard(gen_path, columns=columns + ["response_id"])
+        gw = read_shard(weight_path, columns=["response_id", "weight"])
+        w = dict(zip(gw["response_id"].to_pylist(), gw["weight"].to_pylist()))
+        gen = gen.append_column("weight", pa.array([w[r] for r in gen["response_id"].to_pylist()], pa.float64()))
+        gen = gen.filter(pc.greater(gen["weight"], 0)).drop_columns(["response_id"])
+        parts.append(gen.append_column("origin", pa.array(["generated"] * gen.num_rows, pa.string())))
+    for path in validation_shards:  # direct mixing trains on the validation pairs as well
+        val = read_shard(path, columns=columns)
+        parts.append(val.append_column("weight", pa.array([1.0] * val.num_rows, pa.float64()))
+                     .append_column("origin", pa.array(["validation"] * val.num_rows)))
+    table = pa.concat_tables([p.select(TRAIN_SET_SCHEMA.names).cast(TRAIN_SET_SCHEMA) for p in parts])
+    counts = pc.value_counts(table["origin"]).to_pylist()
+    return {**write_shard(table, out_path, producer), "skipped": False,
+            "by_origin": {c["values"]: c["counts"] for c in counts}}
+
+
+def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
+               learning_rate: float, batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float,
+               target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
+               producer: str = "") -> dict:
+    """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch."""
+    if directory_is_complete(out_dir):
+        return {"skipped": True, "adapter": str(out_dir)}
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(model_name, "fp32", previous_adapter, trainable=True)
+    if previous_adapter is None:
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=target_modules, task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    table = read_shard(train_set, columns=["prompt", "response", "weight"])
+    encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
+    weights = table["weight"].to_pylist()
+    usable = [i for i, e in enumerate(encoded) if e.response_ids and weights[i] > 0]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    rng = random.Random(seed)
+    epoch_losses = []
+    model.train()
+    steps = 0
+    for epoch in range(epochs):
+        order = usable[:]
+        rng.shuffle(order)
+        total, seen = 0.0, 0
+        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+        for batch in tqdm(batches, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
+            input_ids, attention, loss_mask = collate([encoded[i] for i in batch], tokenizer.pad_token_id)
+            sums, counts = batch_nll(model, input_ids, attention, loss_mask)
+            per_sample = sums / counts.clamp(min=1)
+            w = torch.tensor([weights[i] for i in batch], dtype=torch.float32)
+            loss = (w * per_sample).sum() / w.sum()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
+            total += loss.item() * len(batch)
+            seen += len(batch)
+            steps += 1
+        epoch_losses.append(total / max(seen, 1))
+    staging = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    write_directory_manifest(staging, producer)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
+    return {"skipped": False, "adapter": str(out_dir), "steps": steps, "examples": len(usable),
+            "epoch_losses": epoch_losses}
