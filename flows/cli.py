@@ -13,7 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from flows.config import ConfigError
+# Prefect's local server would try to send usage telemetry; these machines reach no such host.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from flows.config import ConfigError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_CONFIG = REPO / "deployments" / "configs" / "demo.yaml"

@@ -116,5 +116,7 @@ def directory_is_complete(directory: Path) -> bool:
 
 
 def directory_digest(directory: Path) -> str:
-    """One sha256 over a complete directory's manifest: the adapter part of a model fingerprint."""
-    return hashlib.sha256((Path(directory) / "MANIFEST.json").read_bytes()).hexdigest()
+    """One sha256 over the files of a complete directory (not when or by whom it was written), so identical
+    adapters get identical model fingerprints."""
+    files = json.loads((Path(directory) / "MANIFEST.json").read_text())["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.shards import read_shard, write_shard
+from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
 
 WEIGHTS_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("question_id", pa.string()), ("source", pa.string()),
@@ -32,6 +32,10 @@ def load_scores(score_shards: list[Path], metric: str) -> dict[str, float]:
 
 def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: Path, method: str, metric: str,
                    order: str, budget: float, seed: int, producer: str = "") -> dict:
+    if shard_is_complete(out_path):
+        selected = read_shard(out_path, columns=["selected"])["selected"]
+        return {**read_manifest(out_path), "skipped": True, "selected": pc.sum(selected).as_py() or 0,
+                "pool": len(selected)}
     pool = pa.concat_tables([read_shard(p, columns=["sample_id", "question_id", "source"]) for p in pool_shards])
     ids = pool["sample_id"].to_pylist()
     n = len(ids)
@@ -71,4 +75,4 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
         "method": [method] * n, "rank": rank,
     }, schema=WEIGHTS_SCHEMA)
     manifest = write_shard(table, out_path, producer)
-    return {**manifest, "selected": int(selected.sum()), "pool": n}
+    return {**manifest, "skipped": False, "selected": int(selected.sum()), "pool": n}

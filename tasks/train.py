@@ -6,6 +6,7 @@ iteration's adapter; the adapter directory appears only complete (staging dir, m
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 from pathlib import Path
@@ -104,8 +105,18 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    _sort_target_modules(staging / "adapter_config.json")
     write_directory_manifest(staging, producer)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return {"skipped": False, "adapter": str(out_dir), "steps": steps, "examples": len(usable),
             "epoch_losses": epoch_losses}
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """PEFT writes target_modules from a set, in an order that changes with the process's hash seed; sorted,
+    the same adapter is the same bytes and gets the same fingerprint in every process."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -1,7 +1,11 @@
 """Shared fixtures. Run the suite with `make test` (or `.venv/bin/python -m pytest tests`)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 
 from tests.tiny import build_model_dir
 
@@ -9,3 +13,39 @@ from tests.tiny import build_model_dir
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = REPO / "data" / "demo"
+
+
+def write_tiny_run(directory: Path, model_dir: Path, run_id: str = "tiny", iterations: int = 2,
+                   root: Path | None = None) -> Path:
+    """A small real run: 40 demo Alpaca rows (3 malformed among them) + 10 HH-RLHF rows, on the tiny model.
+    Data and config go to `directory`, outputs to `root` (default directory/root)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    alpaca = json.loads((DEMO / "pool_alpaca.json").read_text())
+    picked = alpaca[:37] + [alpaca[40], alpaca[120], alpaca[200]]  # the three malformed demo rows
+    (directory / "pool.json").write_text(json.dumps(picked))
+    harmful = (DEMO / "pool_hh_harmful.jsonl").read_text().splitlines()[:10]
+    (directory / "harmful.jsonl").write_text("\n".join(harmful) + "\n")
+    config = {
+        "run_id": run_id, "root": str(root or directory / "root"), "iterations": iterations, "seed": 3,
+        "model": {"name": str(model_dir), "max_seq_len": 128},
+        "data": {"pool": [{"path": "pool.json", "source": "alpaca"}, {"path": "harmful.jsonl", "source": "hh"}],
+                 "validation": str(DEMO / "validation.jsonl"), "test": str(DEMO / "test.jsonl"), "shard_rows": 16},
+        "select": {"method": "topk", "budget": 0.75},
+        "generate": {"fraction": 0.2, "num_responses": 2, "max_new_tokens": 8},
+        "train": {"batch_size": 8},
+    }
+    path = directory / f"config-{abs(hash(config['root'])):x}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

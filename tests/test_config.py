@@ -1,0 +1,75 @@
+"""Config validation: every error names the field. `pytest tests/test_config.py`"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.config import ConfigError, load_config, parse_config
+
+REPO = Path(__file__).resolve().parent.parent
+MINIMAL = {"run_id": "r1", "data": {"pool": "pool.jsonl", "validation": "val.jsonl"}}
+
+
+def with_(**changes):
+    raw = yaml.safe_load(yaml.safe_dump(MINIMAL))
+    for dotted, value in changes.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def test_demo_config_is_valid_and_paths_resolve_next_to_it():
+    cfg = load_config(REPO / "deployments" / "configs" / "demo.yaml")
+    assert cfg.run_id == "demo" and cfg.iterations >= 1
+    for src in cfg.data.pool + cfg.data.validation + cfg.data.test:
+        assert Path(src.path).is_absolute() and Path(src.path).exists(), src.path
+    assert [s.source for s in cfg.data.pool] == ["alpaca", "hh_rlhf"]
+
+
+def test_defaults_fill_in_and_single_source_becomes_a_list(tmp_path):
+    cfg = parse_config(with_(), tmp_path)
+    assert cfg.select.method == "topk" and cfg.model.name == "default"
+    assert cfg.data.pool[0].path == str(tmp_path / "pool.jsonl") and cfg.data.pool[0].source == "pool"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"select__methd": "topk"}, "select.methd: unknown field; did you mean 'method'?"),
+    ({"select__method": "best"}, "select.method: must be one of full, random, topk, got 'best'"),
+    ({"select__budget": 1.5}, "select.budget: must be in (0, 1], got 1.5"),
+    ({"train__batch_size": "8"}, "train.batch_size: expected int, got str '8'"),
+    ({"train__epochs": True}, "train.epochs: expected int, got bool True"),
+    ({"iterations": 0}, "iterations: must be >= 1, got 0"),
+    ({"run_id": "../escape"}, "run_id: must be letters, digits"),
+    ({"model__dtype": "fp16"}, "model.dtype: must be one of fp32, bf16"),
+    ({"generate__top_p": 0}, "generate.top_p: must be in (0, 1]"),
+    ({"data__pool": []}, "data.pool: needs at least one source"),
+    ({"score__metrics": ["ifd"]}, "score.metrics: known metrics are: loss, got 'ifd'"),
+])
+def test_errors_name_the_field(changes, message):
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_(**changes))
+    assert message in str(info.value)
+
+
+def test_missing_required_field_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="data.validation: required field is missing"):
+        parse_config({"run_id": "r", "data": {"pool": "p.jsonl"}})
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run_id: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_yaml_is_never_evaluated(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("run_id: !!python/object/apply:os.system ['touch pwned']\ndata: {pool: a, validation: b}\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(evil)
+    assert not (tmp_path / "pwned").exists()
