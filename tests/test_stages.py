@@ -47,7 +47,7 @@ def test_topk_keeps_the_lowest_and_explains_every_drop(tmp_path):
     assert stats["selected"] == 5 and kept == {"s1", "s5", "s3", "s8", "s0"}
     by_id = dict(zip(w["sample_id"], w["reason"]))
     assert by_id["s4"] == "topk: no loss score"
-    assert by_id["s2"].startswith("topk: loss=9.0000 ranks 9 of 10")
+    assert by_id["s2"] == "topk: loss=9.0000 ranks 9/10; keeps lowest 5"
     assert all(by_id[s] == "" for s in kept)
     assert dict(zip(w["sample_id"], w["rank"]))["s1"] == 0  # most preferred first
     highest = select_samples([pool], [scores], tmp_path / "h.parquet", "topk", "loss", "highest", 0.2, 0)
