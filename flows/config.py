@@ -56,13 +56,24 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
+    # loss (+ppl), ifd, iterit (IterIT complexity), davir, sppl, diversity (IterIT TF-IDF, pool-level)
     metrics: list[str] = field(default_factory=lambda: ["loss"])
     batch_tokens: int = 4096  # padded tokens per forward batch (length-bucketed)
+    davir_reference: typing.Literal["validation", "pool"] = "validation"  # what the DavIR reference is tuned on
+    reference_epochs: int = 2  # LoRA epochs for the DavIR reference adapter (train.* settings otherwise)
+    sppl_k: int = 3  # style exemplars in each SPPL context
+    sppl_exemplars: int = 8  # the model's own correct validation answers to draw exemplars from
+    sppl_max_new_tokens: int = 128  # length cap of each exemplar answer
+    cache: bool = True  # reuse scores of identical (shard, model, metric config) across runs
 
     def check(self, where: str) -> None:
+        known = ("loss", "ifd", "iterit", "davir", "sppl", "diversity")
         for name in self.metrics:
-            _require(name in ("loss",), f"{where}.metrics", "known metrics are: loss", name)
+            _require(name in known, f"{where}.metrics", f"known metrics are: {', '.join(known)}", name)
         _require(self.batch_tokens >= 64, f"{where}.batch_tokens", "must be >= 64", self.batch_tokens)
+        _require(self.reference_epochs >= 1, f"{where}.reference_epochs", "must be >= 1", self.reference_epochs)
+        _require(1 <= self.sppl_k <= self.sppl_exemplars, f"{where}.sppl_k", "must be in [1, sppl_exemplars]",
+                 self.sppl_k)
 
 
 @dataclass
@@ -77,6 +88,19 @@ class SelectConfig:
 
 
 @dataclass
+class StrategyConfig:
+    name: str
+    template: str = "{question}"  # the question is substituted for {question}
+    temperature: float = 0.8
+    top_p: float = 0.95
+    model: str = ""  # another generator (local dir or hub id); empty = the current model
+
+    def check(self, where: str) -> None:
+        _require("{question}" in self.template, f"{where}.template", "must contain {question}", self.template)
+        _require(self.temperature >= 0, f"{where}.temperature", "must be >= 0 (0 = greedy)", self.temperature)
+
+
+@dataclass
 class GenerateConfig:
     enabled: bool = True
     refine: typing.Literal["dynamic", "fixed"] = "dynamic"  # lowest-weight questions, or a random fraction
@@ -86,8 +110,13 @@ class GenerateConfig:
     top_p: float = 0.95
     max_new_tokens: int = 64
     batch_size: int = 8
+    # candidate strategies; when given, the one with the lowest self-aligned perplexity generates
+    strategies: list[StrategyConfig] = field(default_factory=list)
+    strategy_questions: int = 50  # questions each candidate answers for the comparison
 
     def check(self, where: str) -> None:
+        names = [s.name for s in self.strategies]
+        _require(len(names) == len(set(names)), f"{where}.strategies", "names must be unique", names)
         _require(0 <= self.fraction <= 1, f"{where}.fraction", "must be in [0, 1]", self.fraction)
         _require(self.num_responses >= 1, f"{where}.num_responses", "must be >= 1", self.num_responses)
         _require(self.temperature > 0, f"{where}.temperature", "must be > 0", self.temperature)
@@ -136,7 +165,10 @@ class CurateConfig:
         ok = bool(self.run_id) and all(c.isalnum() or c in "-_." for c in self.run_id) and self.run_id[0] != "."
         _require(ok, "run_id", "must be letters, digits, '-', '_' or '.' (it names a directory)", self.run_id)
         _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
-        if self.select.metric not in self.score.metrics and self.select.method == "topk":
+        if "loss" not in self.score.metrics:
+            raise ConfigError("score.metrics: must include 'loss' (every other metric is built on it)")
+        computed = set(self.score.metrics) | ({"ppl"} if "loss" in self.score.metrics else set())
+        if self.select.method == "topk" and self.select.metric not in computed:
             raise ConfigError(f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics")
 
     def to_dict(self) -> dict:

@@ -15,13 +15,15 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import CurateConfig, load_config, parse_config
-from flows.stages import (evaluate_task, generate_task, ingest_task, plan_task, reweight_task, score_task,
-                          select_task, train_set_task, train_task)
+from flows.stages import (diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task, plan_task,
+                          reference_task, reweight_task, score_task, select_task, strategy_task, train_set_task,
+                          train_task)
 from storage.catalog import Catalog
 from storage.layout import RunPaths
-from storage.shards import list_shards, read_manifest
+from storage.shards import list_shards, read_manifest, read_shard
 from tasks.coverage import coverage_rows
 from tasks.generate import SamplingParams, refined_question_ids
+from tasks.strategy import Strategy
 from tasks.models import model_fingerprint
 
 SPLITS = ("pool", "validation", "test")
@@ -47,7 +49,7 @@ def _record_shards(catalog: Catalog, run_id: str, iteration: int, kind: str, pat
 
 
 @flow(name="curate-iteration", flow_run_name=_iteration_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def curate_iteration(config: dict, iteration: int, root: str) -> dict:
+def curate_iteration(config: dict, iteration: int, root: str, reference_adapter: str | None = None) -> dict:
     """One round of the loop; the previous round's adapter is this round's model."""
     cfg = parse_config(config)
     log = get_run_logger()
@@ -60,15 +62,25 @@ def curate_iteration(config: dict, iteration: int, root: str) -> dict:
     pool = list_shards(paths.split_dir("pool"))
     validation, test = list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test"))
 
+    exemplars = None
+    if "sppl" in cfg.score.metrics or (cfg.generate.enabled and cfg.generate.strategies):
+        exemplars = paths.sppl_exemplars(iteration)
+        exemplars_task.with_options(task_run_name=f"sppl-exemplars-{run_id}-it{iteration}")(
+            validation, exemplars, m.name, m.dtype, previous, cfg.score, cfg.generate.batch_size)
+        _record_shards(catalog, run_id, iteration, "sppl_exemplars", [exemplars], validation, "answers")
     scores = []
     for shard in pool:
         out = paths.scores_dir(iteration) / shard.name
         score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}")(
-            shard, out, m.name, m.dtype, previous, m.max_seq_len, cfg.score.batch_tokens, iteration)
+            shard, out, m.name, m.dtype, previous, m.max_seq_len, iteration, cfg.score, reference_adapter,
+            exemplars, paths.score_cache)
         scores.append(out)
-    _record_shards(catalog, run_id, iteration, "scores", scores, relation="scored")
-    for shard, out in zip(pool, scores):
-        catalog.record_lineage(run_id, str(shard), str(out), "scored")
+        _record_shards(catalog, run_id, iteration, "scores", [out], [shard], "scored")
+    if "diversity" in cfg.score.metrics:
+        out = paths.scores_dir(iteration) / "diversity.parquet"
+        diversity_task.with_options(task_run_name=f"diversity-{run_id}-it{iteration}")(pool, out, m.name, iteration)
+        _record_shards(catalog, run_id, iteration, "scores", [out], pool, "scored")
+        scores.append(out)
 
     s = cfg.select
     weights = paths.weights(iteration)
@@ -85,12 +97,22 @@ def curate_iteration(config: dict, iteration: int, root: str) -> dict:
             pool, weights, paths.refine_dir(iteration), g.refine, g.fraction, cfg.data.shard_rows,
             cfg.seed + iteration)
         _record_shards(catalog, run_id, iteration, "refine", refine, [weights], "refines")
-        params = SamplingParams(g.num_responses, g.temperature, g.top_p, g.max_new_tokens, g.batch_size)
+        chosen = Strategy("default", "{question}", g.temperature, g.top_p)
+        if g.strategies:
+            questions = [q for shard in refine for q in read_shard(shard, columns=["prompt"])["prompt"].to_pylist()]
+            if len(questions) < g.strategy_questions:  # too few refined questions: compare on pool questions
+                questions += [q for shard in pool for q in read_shard(shard, columns=["prompt"])["prompt"].to_pylist()]
+            out = paths.iter_dir(iteration) / "strategy.parquet"
+            chosen = strategy_task.with_options(task_run_name=f"choose-strategy-{run_id}-it{iteration}")(
+                g.strategies, list(dict.fromkeys(questions))[: g.strategy_questions], out, m.name, m.dtype,
+                previous, exemplars, cfg.score, m.max_seq_len, g.max_new_tokens, cfg.seed + iteration)
+            _record_shards(catalog, run_id, iteration, "strategy", [out], [exemplars], "compared_with")
+        params = SamplingParams(g.num_responses, chosen.temperature, chosen.top_p, g.max_new_tokens, g.batch_size)
         for index, shard in enumerate(refine):
             out = paths.generations_dir(iteration) / shard.name
             generate_task.with_options(task_run_name=f"generate-{run_id}-it{iteration}-{shard.stem}")(
                 shard, out, m.name, m.dtype, previous, params, m.max_seq_len, cfg.score.batch_tokens,
-                cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration)
+                cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration, chosen)
             w_out = paths.generation_weights_dir(iteration) / shard.name
             reweight_task.with_options(task_run_name=f"reweight-{run_id}-it{iteration}-{shard.stem}")(
                 out, w_out, cfg.reweight.method)
@@ -169,7 +191,20 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
         m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens)
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
-    rounds = [curate_iteration(cfg.to_dict(), it, str(paths.root)) for it in range(1, cfg.iterations + 1)]
+    reference = None
+    if "davir" in cfg.score.metrics:
+        sources = list_shards(paths.split_dir("pool" if cfg.score.davir_reference == "pool" else "validation"))
+        reference = str(paths.reference_adapter)
+        reference_task.with_options(task_run_name=f"reference-{cfg.run_id}")(
+            sources, paths.reference_train_set, paths.reference_adapter, m.name, cfg.train,
+            cfg.score.reference_epochs, m.max_seq_len, cfg.seed)
+        catalog.record_artifact(cfg.run_id, 0, "reference_adapter", reference,
+                                {"rows": read_manifest(paths.reference_train_set)["rows"],
+                                 "sha256": model_fingerprint(m.name, reference)}, flow_run_id=str(flow_run.id))
+        for src in sources:
+            catalog.record_lineage(cfg.run_id, str(src), reference, "reference_trained_on")
+
+    rounds = [curate_iteration(cfg.to_dict(), it, str(paths.root), reference) for it in range(1, cfg.iterations + 1)]
     catalog.set_run_status(cfg.run_id, "completed")
     return {
         "run_id": cfg.run_id,

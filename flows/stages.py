@@ -12,7 +12,8 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run
 
 from storage.catalog import CatalogBusyError
-from tasks import evaluate, generate, ingest, reweight, score, select, train
+from tasks import diversity, evaluate, generate, ingest, reweight, score, select, sppl, strategy, train
+from tasks.models import load_tokenizer
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC}
 
@@ -57,9 +58,33 @@ def ingest_task(sources, out_dir, split, max_chars, shard_rows) -> dict:
 
 
 @task(name="score", **RETRIES)
-def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, batch_tokens, iteration) -> dict:
-    return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, batch_tokens,
-        iteration, producer()))
+def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, iteration, cfg, reference_adapter,
+               exemplars_path, cache_dir) -> dict:
+    metrics = [m for m in cfg.metrics if m != "diversity"]  # diversity is pool-level: diversity_task
+    return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, cfg.batch_tokens,
+                                    iteration, metrics, reference_adapter, exemplars_path, cfg.sppl_k,
+                                    cache_dir if cfg.cache else None, producer()))
+
+
+@task(name="diversity", **RETRIES)
+def diversity_task(pool_shards, out_path, model_name, iteration) -> dict:
+    end_of_turn = load_tokenizer(model_name).eos_token or ""
+    return report(diversity.diversity_scores(pool_shards, out_path, end_of_turn, iteration, producer()))
+
+
+@task(name="sppl-exemplars", **RETRIES)
+def exemplars_task(validation_shards, out_path, model_name, dtype, adapter, cfg, batch_size) -> dict:
+    return report(sppl.make_exemplars(validation_shards, out_path, model_name, dtype, adapter, cfg.sppl_exemplars,
+                                      cfg.sppl_max_new_tokens, batch_size, producer()))
+
+
+@task(name="reference", **RETRIES)
+def reference_task(source_shards, train_set, out_dir, model_name, cfg, epochs, max_seq_len, seed) -> dict:
+    """The DavIR reference: the base model LoRA-tuned on the validation set (or the pool)."""
+    train.build_uniform_set(source_shards, train_set, producer())
+    return report(train.train_lora(train_set, out_dir, model_name, None, epochs, cfg.learning_rate, cfg.batch_size,
+                                   cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                                   cfg.max_grad_norm, max_seq_len, seed, producer()))
 
 
 @task(name="select", **RETRIES)
@@ -76,9 +101,21 @@ def plan_task(pool_shards, weights_path, out_dir, refine, fraction, shard_rows, 
 
 @task(name="generate", **RETRIES)
 def generate_task(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len, batch_tokens, seed,
-                  iteration) -> dict:
+                  iteration, strategy) -> dict:
+    if strategy.model:  # another generator: its own weights, no adapter of ours
+        model_name, adapter = strategy.model, None
     return report(generate.generate_shard(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len,
-        batch_tokens, seed, iteration, producer()))
+                                          batch_tokens, seed, iteration, producer(), strategy.template))
+
+
+@task(name="choose-strategy", **RETRIES)
+def strategy_task(strategies, questions, out_path, model_name, dtype, adapter, exemplars_path, cfg, max_seq_len,
+                  max_new_tokens, seed):
+    candidates = [strategy.Strategy(s.name, s.template, s.temperature, s.top_p, s.model) for s in strategies]
+    chosen = strategy.choose_strategy(candidates, questions, out_path, model_name, dtype, adapter, exemplars_path,
+                                      cfg.sppl_k, max_seq_len, max_new_tokens, cfg.batch_tokens, seed, producer())
+    get_run_logger().info("generation strategy: %s", chosen.name)
+    return chosen
 
 
 @task(name="reweight", **RETRIES)

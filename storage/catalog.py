@@ -216,16 +216,47 @@ class Catalog:
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
+# Parquet-backed views over every run under the catalog's root, created per read-only session.
+PARQUET_VIEWS = {
+    "scores": "runs/*/iter-*/scores/*.parquet",
+    "pool": "runs/*/pool/shard-*.parquet",
+    "generations": "runs/*/iter-*/generations/shard-*.parquet",
+    "train_sets": "runs/*/iter-*/train_set.parquet",
+}
+READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+class ReadOnlyQueryError(duckdb.Error):
+    """A statement that could write (COPY, ATTACH, PRAGMA, DDL...) was refused before it ran."""
+
+
+def _create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    for name, pattern in PARQUET_VIEWS.items():
+        if not any(root.glob(pattern)):
+            continue  # read_parquet fails on a glob that matches nothing
+        # DDL takes no bound parameters; the path is our own root, quoted as a SQL string literal.
+        literal = "'" + str(root / pattern).replace("'", "''") + "'"
+        con.execute(f"CREATE TEMP VIEW {name} AS SELECT *, regexp_extract(filename, '/runs/([^/]+)/', 1) AS run_id"
+                    f" FROM read_parquet({literal}, filename = true, union_by_name = true)")
+
+
 def query_read_only(
     path: Path, sql: str, params: list | None = None, lock_timeout: float = 30.0
 ) -> tuple[list[str], list[tuple]]:
-    """Run a user's query on a read-only connection that cannot touch files outside the catalog."""
+    """Run a user's SELECT on a read-only connection confined to the catalog's root directory, with the
+    Parquet views (scores, pool, generations, train_sets) over that root."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: run `curate run` first")
     with _open(path, True, lock_timeout) as con:
-        # Last, after any setup that needs files: from here on read_csv/COPY/ATTACH of other paths fail.
+        for statement in con.extract_statements(sql):
+            if statement.type not in READ_ONLY_STATEMENTS:
+                raise ReadOnlyQueryError(f"only SELECT and EXPLAIN are allowed, not {statement.type.name}")
+        root = path.resolve().parent
+        con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
+        # Last, after any setup that needs files: from here on files outside the root are out of reach.
         con.execute("SET enable_external_access = false")
+        _create_parquet_views(con, root)
         con.execute(sql, params or [])
         columns = [d[0] for d in con.description] if con.description else []
         return columns, con.fetchall() if columns else []

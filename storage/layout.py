@@ -21,6 +21,21 @@ class RunPaths:
     def split_dir(self, split: str) -> Path:  # pool, validation, test
         return self.run_dir / split
 
+    @property
+    def score_cache(self) -> Path:  # shared by all runs under this root
+        return self.root / "cache" / "scores"
+
+    @property
+    def reference_adapter(self) -> Path:  # the DavIR reference: base + LoRA tuned on the validation set
+        return self.run_dir / "reference" / "adapter"
+
+    @property
+    def reference_train_set(self) -> Path:
+        return self.run_dir / "reference" / "train_set.parquet"
+
+    def sppl_exemplars(self, iteration: int) -> Path:
+        return self.iter_dir(iteration) / "sppl_exemplars.parquet"
+
     def iter_dir(self, iteration: int) -> Path:
         return self.run_dir / f"iter-{iteration:03d}"
 

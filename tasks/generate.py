@@ -75,11 +75,19 @@ def refined_question_ids(refine_shards: list[Path]) -> set[str]:
     return {q for p in refine_shards for q in read_shard(p, columns=["question_id"])["question_id"].to_pylist()}
 
 
-def sample_responses(model, tokenizer, questions: list[str], params: SamplingParams, seed: int) -> list[list[str]]:
-    """G sampled responses per question, batched with left padding; reproducible for a given seed."""
+def apply_template(template: str, question: str) -> str:
+    """A strategy's prompt: plain substitution, never str.format, so config text cannot reach attributes."""
+    return template.replace("{question}", question)
+
+
+def sample_responses(model, tokenizer, questions: list[str], params: SamplingParams, seed: int,
+                     template: str = "{question}") -> list[list[str]]:
+    """G sampled responses per question, batched with left padding; reproducible for a given seed.
+    `template` wraps each question before the chat template (a generation strategy's prompt)."""
     import torch
 
-    prompts = [tokenizer(render_prompt(tokenizer, q), add_special_tokens=False)["input_ids"] for q in questions]
+    prompts = [tokenizer(render_prompt(tokenizer, apply_template(template, q)), add_special_tokens=False)["input_ids"]
+               for q in questions]
     out: list[list[str]] = []
     for start in range(0, len(prompts), params.batch_size):
         batch = prompts[start: start + params.batch_size]
@@ -89,8 +97,10 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
         torch.manual_seed(seed + start)  # each batch's draws depend only on the seed and its position
         with torch.inference_mode():
-            generated = model.generate(input_ids=input_ids, attention_mask=attention, do_sample=True,
-                                       temperature=params.temperature, top_p=params.top_p, top_k=0,
+            # temperature 0 means greedy decoding (used for the model's own exemplar answers)
+            sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
+                if params.temperature > 0 else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+            generated = model.generate(input_ids=input_ids, attention_mask=attention, **sampling,
                                        max_new_tokens=params.max_new_tokens,
                                        num_return_sequences=params.num_responses, pad_token_id=pad,
                                        eos_token_id=tokenizer.eos_token_id)
@@ -102,7 +112,9 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
 
 def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
                    params: SamplingParams, max_seq_len: int, batch_tokens: int, seed: int, iteration: int,
-                   producer: str = "") -> dict:
+                   producer: str = "", template: str = "{question}") -> dict:
+    """G responses for each question of a refine shard. logp_gen is the generator's log-probability of the
+    response's training tokens given the prompt it actually saw (the strategy's template applied)."""
     if shard_is_complete(out_path):
         return {**read_manifest(out_path), "skipped": True}
     table = read_shard(refine_shard)
@@ -112,11 +124,11 @@ def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: s
     with tqdm(total=len(questions), desc=f"generate {Path(refine_shard).stem}", unit="question", leave=False) as bar:
         for start in range(0, len(questions), params.batch_size):
             chunk = questions[start: start + params.batch_size]
-            responses += sample_responses(model, tokenizer, chunk, params, seed + start)
+            responses += sample_responses(model, tokenizer, chunk, params, seed + start, template)
             bar.update(len(chunk))
     flat_q = [i for i, group in enumerate(responses) for _ in group]
     flat_r = [r for group in responses for r in group]
-    encoded = encode_pairs(tokenizer, [questions[i] for i in flat_q], flat_r, max_seq_len)
+    encoded = encode_pairs(tokenizer, [apply_template(template, questions[i]) for i in flat_q], flat_r, max_seq_len)
     losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
     qids, sources = table["question_id"].to_pylist(), table["source"].to_pylist()
     fingerprint = model_fingerprint(model_name, adapter)

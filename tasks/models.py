@@ -28,7 +28,7 @@ FALLBACK_TEMPLATE = "User: {question}\nAssistant: "
 # PEFT 0.21 still calls a transformers method deprecated in 5.x; the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
-_loaded: dict[tuple, tuple] = {}  # one inference model per process, reused by every shard task
+_loaded: dict[tuple, tuple] = {}  # inference models per process (least recently used first), reused by shard tasks
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -119,6 +119,7 @@ def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, train
     because PEFT injects LoRA layers into the base model in place."""
     key = (name, dtype, adapter, trust_remote_code)
     if not trainable and key in _loaded:
+        _loaded[key] = _loaded.pop(key)  # most recently used last
         return _loaded[key]
     import torch
     from transformers import AutoModelForCausalLM
@@ -133,7 +134,9 @@ def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, train
     model.train(trainable)
     tokenizer = load_tokenizer(name, trust_remote_code)
     if not trainable:
-        _loaded.clear()  # keep one model in memory: each iteration moves on to the next adapter
+        # keep two models: scoring alternates between the current model and the DavIR reference
+        while len(_loaded) >= 2:
+            _loaded.pop(next(iter(_loaded)))
         _loaded[key] = (model, tokenizer)
     return model, tokenizer
 

@@ -1,22 +1,35 @@
 """Offline scoring: per-sample metrics of one pool shard under the current model, stored long-format.
 
+Metrics (DESIGN.md): `loss` (+ `ppl`), `ifd` = loss(r|q) / loss(r), `iterit` = ppl(r|q) / ppl(r) (IterIT's
+complexity; its diversity is pool-level, see tasks/diversity.py), `davir` = (loss - loss_ref) / loss with
+the validation-tuned reference adapter, `sppl` = perplexity given style exemplars (tasks/sppl.py).
+Each response is tokenized once and spliced into every context, so ratios compare identical tokens.
+
 Output columns: sample_id, metric, value (fp32), model_fingerprint, iteration, n_tokens, truncated, reason.
-A sample whose response did not fit the window gets NaN and a reason; it is never dropped here.
+A sample whose response did not fit the window gets NaN and a reason; it is never dropped here. Results are
+also kept in a cache keyed by (shard sha256, model fingerprints, metric config): another run over the same
+shard with the same model computes nothing.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
-from tasks.models import load_model, model_fingerprint
+from tasks.models import load_model, model_fingerprint, render_prompt
 from tasks.nll import response_nll
-from tasks.tokens import encode_pairs
+from tasks.sppl import sppl_contexts
+from tasks.tokens import encode_contexts, encode_pairs
 
+SCORER_VERSION = "2"  # bump when a metric's definition changes: old cache entries stop matching
+METRICS = ("loss", "ifd", "iterit", "davir", "sppl")
 SCORE_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("metric", pa.string()), ("value", pa.float32()),
     ("model_fingerprint", pa.string()), ("iteration", pa.int32()), ("n_tokens", pa.int64()),
@@ -24,29 +37,107 @@ SCORE_SCHEMA = pa.schema([
 ])
 
 
+def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = numerator / denominator
+    out[~np.isfinite(out)] = np.nan  # a zero or missing denominator has no ratio
+    return out
+
+
+def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: list[str], responses: list[str],
+                   metrics: list[str], max_seq_len: int, batch_tokens: int, reference_adapter: str | None = None,
+                   exemplars: list[str] | None = None, sppl_k: int = 3, progress=None) -> dict[str, np.ndarray]:
+    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics."""
+    model, tokenizer = load_model(model_name, dtype, adapter)
+    pad = tokenizer.pad_token_id
+    encoded = encode_pairs(tokenizer, questions, responses, max_seq_len)
+    loss, counts = response_nll(model, encoded, pad, batch_tokens, progress)
+    out = {"loss": loss, "ppl": np.exp(loss.astype(np.float64)).astype(np.float32), "n_tokens": counts,
+           "truncated": np.array([e.truncated for e in encoded])}
+    if "ifd" in metrics or "iterit" in metrics:
+        question_contexts = [render_prompt(tokenizer, q) for q in questions]
+        empty = [render_prompt(tokenizer, "")] * len(questions)
+        alone, _ = response_nll(model, encode_contexts(tokenizer, empty, responses, max_seq_len, question_contexts),
+                                pad, batch_tokens)
+        out["ifd"] = _ratio(loss, alone)
+        out["iterit"] = np.exp(loss.astype(np.float64) - alone.astype(np.float64)).astype(np.float32)
+    if "sppl" in metrics:
+        contexts, _ = sppl_contexts(tokenizer, questions, [len(e.response_ids) for e in encoded], exemplars or [],
+                                    sppl_k, max_seq_len)
+        primed, _ = response_nll(model, encode_contexts(tokenizer, contexts, responses, max_seq_len,
+                                                        [render_prompt(tokenizer, q) for q in questions]),
+                                 pad, batch_tokens)
+        out["sppl"] = np.exp(primed.astype(np.float64)).astype(np.float32)
+    if "davir" in metrics:
+        reference, _ = load_model(model_name, dtype, reference_adapter)
+        ref_loss, _ = response_nll(reference, encoded, pad, batch_tokens)
+        out["davir"] = _ratio(loss - ref_loss, loss)
+    return out
+
+
+def cache_key(shard_sha256: str, fingerprints: list[str], metrics: list[str], max_seq_len: int, dtype: str,
+              sppl_k: int, exemplars_sha256: str) -> str:
+    config = {"shard": shard_sha256, "models": fingerprints, "metrics": sorted(metrics), "max_seq_len": max_seq_len,
+              "dtype": dtype, "sppl_k": sppl_k, "exemplars": exemplars_sha256, "version": SCORER_VERSION}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
-                max_seq_len: int, batch_tokens: int, iteration: int, producer: str = "") -> dict:
-    """Score one pool shard; returns its manifest (with `skipped` when a verified output already existed)."""
+                max_seq_len: int, batch_tokens: int, iteration: int, metrics: list[str] = ("loss",),
+                reference_adapter: str | None = None, exemplars_path: Path | None = None, sppl_k: int = 3,
+                cache_dir: Path | None = None, producer: str = "") -> dict:
+    """Score one pool shard; returns its manifest (`skipped` when a verified output already existed,
+    `cached` when the values came from the score cache)."""
     if shard_is_complete(out_path):
         return {**read_manifest(out_path), "skipped": True}
-    table = read_shard(pool_shard, columns=["sample_id", "prompt", "response"])
-    model, tokenizer = load_model(model_name, dtype, adapter)
-    encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
-    with tqdm(total=len(encoded), desc=f"score {Path(pool_shard).stem}", unit="sample", leave=False) as bar:
-        losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens, progress=bar)
+    metrics = list(metrics)
     fingerprint = model_fingerprint(model_name, adapter)
+    fingerprints = [fingerprint] + ([model_fingerprint(model_name, reference_adapter)] if "davir" in metrics else [])
+    exemplars = read_shard(exemplars_path)["response"].to_pylist() if "sppl" in metrics and exemplars_path else []
+    exemplars_sha = read_manifest(exemplars_path)["sha256"] if exemplars else ""
+    key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, max_seq_len, dtype, sppl_k,
+                    exemplars_sha)
+    cached = Path(cache_dir) / f"{key}.parquet" if cache_dir else None
+    if cached is not None and shard_is_complete(cached):
+        table = read_shard(cached)
+        table = table.set_column(table.schema.get_field_index("iteration"), "iteration",
+                                 pa.array([iteration] * table.num_rows, pa.int32()))
+        return {**write_shard(table, out_path, producer), "skipped": False, "cached": True}
+
+    table = read_shard(pool_shard, columns=["sample_id", "prompt", "response"])
+    with tqdm(total=table.num_rows, desc=f"score {Path(pool_shard).stem}", unit="sample", leave=False) as bar:
+        values = compute_scores(model_name, dtype, adapter, table["prompt"].to_pylist(),
+                                table["response"].to_pylist(), metrics, max_seq_len, batch_tokens,
+                                reference_adapter, exemplars, sppl_k, progress=bar)
+    names = ["loss", "ppl"] + [m for m in METRICS[1:] if m in metrics]
     ids = table["sample_id"].to_pylist()
-    truncated = [e.truncated for e in encoded]
-    reasons = ["" if math.isfinite(v) else "prompt_fills_window" for v in losses]
-    n = len(ids)
-    out = pa.table({
-        "sample_id": ids * 2,
-        "metric": ["loss"] * n + ["ppl"] * n,
-        "value": np.concatenate([losses, np.exp(losses.astype(np.float64)).astype(np.float32)]),
-        "model_fingerprint": [fingerprint] * (2 * n),
-        "iteration": [iteration] * (2 * n),
-        "n_tokens": np.concatenate([counts, counts]),
-        "truncated": truncated * 2,
-        "reason": reasons * 2,
-    }, schema=SCORE_SCHEMA)
-    return {**write_shard(out, out_path, producer), "skipped": False}
+    parts = []
+    for name in names:
+        value = values[name]
+        reasons = ["" if math.isfinite(v) else _why_nan(name, values["n_tokens"][i]) for i, v in enumerate(value)]
+        parts.append(pa.table({
+            "sample_id": ids, "metric": [name] * len(ids), "value": pa.array(value, pa.float32()),
+            "model_fingerprint": [" vs ".join(fingerprints) if name == "davir" else fingerprint] * len(ids),
+            "iteration": pa.array([iteration] * len(ids), pa.int32()), "n_tokens": values["n_tokens"],
+            "truncated": values["truncated"], "reason": reasons,
+        }, schema=SCORE_SCHEMA))
+    out = pa.concat_tables(parts)
+    if cached is not None:
+        write_shard(out, cached, producer)
+    return {**write_shard(out, out_path, producer), "skipped": False, "cached": False}
+
+
+def _why_nan(metric: str, n_tokens: int) -> str:
+    if n_tokens == 0:
+        return "prompt_fills_window"
+    return f"{metric}: zero or undefined denominator"
+
+
+def metric_values(score_shards: list[Path], metric: str) -> dict[str, float]:
+    """sample_id -> value of one metric across score shards."""
+    values = {}
+    for path in score_shards:
+        table = read_shard(path, columns=["sample_id", "metric", "value"])
+        table = table.filter(pc.equal(table["metric"], metric))
+        values.update(zip(table["sample_id"].to_pylist(), table["value"].to_pylist()))
+    return values

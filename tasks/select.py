@@ -13,21 +13,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from tasks.score import metric_values
 
 WEIGHTS_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("question_id", pa.string()), ("source", pa.string()),
     ("weight", pa.float64()), ("selected", pa.bool_()), ("reason", pa.string()), ("method", pa.string()),
     ("rank", pa.int64()),
 ])
-
-
-def load_scores(score_shards: list[Path], metric: str) -> dict[str, float]:
-    values = {}
-    for path in score_shards:
-        table = read_shard(path, columns=["sample_id", "metric", "value"])
-        table = table.filter(pc.equal(table["metric"], metric))
-        values.update(zip(table["sample_id"].to_pylist(), table["value"].to_pylist()))
-    return values
 
 
 def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: Path, method: str, metric: str,
@@ -50,7 +42,7 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
         selected[order_idx[:k]] = True
         reasons = ["" if s else f"random: not drawn; keeps {k}/{n} (seed {seed})" for s in selected]
     elif method == "topk":
-        scores = load_scores(score_shards, metric)
+        scores = metric_values(score_shards, metric)
         values = [scores.get(i, math.nan) for i in ids]
         sign = 1.0 if order == "lowest" else -1.0
         # unscored samples (NaN) rank last and are never selected

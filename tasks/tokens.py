@@ -36,6 +36,24 @@ def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_
     return encoded
 
 
+def encode_contexts(tokenizer, contexts: list[str], responses: list[str], max_seq_len: int,
+                    room_from: list[str] | None = None) -> list[Encoded]:
+    """Pairs whose prompt is an already-rendered context (e.g. an empty user turn, or exemplars + question).
+
+    `room_from` names, per row, the context that decides how much of the response fits; ratios such as IFD
+    pass the question context here so both terms score exactly the same response tokens."""
+    context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
+    limit_ids = tokenizer(room_from, add_special_tokens=False)["input_ids"] if room_from else context_ids
+    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    eot = end_of_turn_id(tokenizer)
+    encoded = []
+    for c, limit, r in zip(context_ids, limit_ids, response_ids):
+        r = r + [eot]
+        room = max(max_seq_len - max(len(c), len(limit)), 0)
+        encoded.append(Encoded(c, r[:room], truncated=len(r) > room))
+    return encoded
+
+
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Indices grouped so that (longest in batch) x (batch size) <= batch_tokens, sorted by length to cut padding."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)

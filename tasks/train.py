@@ -58,6 +58,15 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
             "by_origin": {c["values"]: c["counts"] for c in counts}}
 
 
+def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") -> dict:
+    """Every pair of `shards` with weight 1: the training set of the DavIR reference adapter."""
+    if shard_is_complete(out_path):
+        return {**read_manifest(out_path), "skipped": True}
+    table = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in shards])
+    table = table.append_column("weight", pa.array([1.0] * table.num_rows, pa.float64()))
+    return {**write_shard(table, out_path, producer), "skipped": False}
+
+
 def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
                learning_rate: float, batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,

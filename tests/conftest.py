@@ -20,7 +20,7 @@ DEMO = REPO / "data" / "demo"
 
 
 def write_tiny_run(directory: Path, model_dir: Path, run_id: str = "tiny", iterations: int = 2,
-                   root: Path | None = None) -> Path:
+                   root: Path | None = None, **sections) -> Path:
     """A small real run: 40 demo Alpaca rows (3 malformed among them) + 10 HH-RLHF rows, on the tiny model.
     Data and config go to `directory`, outputs to `root` (default directory/root)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -38,7 +38,9 @@ def write_tiny_run(directory: Path, model_dir: Path, run_id: str = "tiny", itera
         "generate": {"fraction": 0.2, "num_responses": 2, "max_new_tokens": 8},
         "train": {"batch_size": 8},
     }
-    path = directory / f"config-{abs(hash(config['root'])):x}.yaml"
+    for key, value in sections.items():  # e.g. score={...} replaces or extends a section
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path = directory / f"config-{abs(hash(config['root'] + run_id)):x}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
 

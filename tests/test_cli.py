@@ -47,3 +47,12 @@ def test_bad_config_exits_2_naming_the_field(tmp_path, capsys):
     config.write_text("run_id: x\ndata: {pool: p.jsonl, validation: v.jsonl}\nselect: {budgett: 0.5}\n")
     assert main(["run", str(config)]) == 2
     assert "select.budgett: unknown field; did you mean 'budget'?" in capsys.readouterr().err
+
+
+def test_sql_refuses_statements_that_write_files(catalog_root, capsys):
+    target = catalog_root / "leak.csv"
+    assert main(["sql", f"copy (select * from runs) to '{target}'", "--root", str(catalog_root)]) == 1
+    assert "only SELECT and EXPLAIN are allowed, not COPY" in capsys.readouterr().err
+    assert not target.exists()
+    assert main(["sql", f"attach '{catalog_root / 'other.db'}'", "--root", str(catalog_root)]) == 1
+    assert not (catalog_root / "other.db").exists()

@@ -48,7 +48,10 @@ def test_defaults_fill_in_and_single_source_becomes_a_list(tmp_path):
     ({"model__dtype": "fp16"}, "model.dtype: must be one of fp32, bf16"),
     ({"generate__top_p": 0}, "generate.top_p: must be in (0, 1]"),
     ({"data__pool": []}, "data.pool: needs at least one source"),
-    ({"score__metrics": ["ifd"]}, "score.metrics: known metrics are: loss, got 'ifd'"),
+    ({"score__metrics": ["loss", "ifdd"]}, "score.metrics: known metrics are: loss, ifd, iterit, davir, sppl, diversity, got 'ifdd'"),
+    ({"score__metrics": ["ifd"]}, "score.metrics: must include 'loss'"),
+    ({"score__sppl_k": 9}, "score.sppl_k: must be in [1, sppl_exemplars], got 9"),
+    ({"select__metric": "ifd"}, "select.metric: 'ifd' is not computed; add it to score.metrics"),
 ])
 def test_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as info:

@@ -61,6 +61,19 @@ def test_catalog_records_the_run(finished_run):
         con.close()
 
 
+def test_parquet_views_join_scores_to_the_pool(finished_run):
+    from storage.catalog import query_read_only
+
+    config, summary = finished_run
+    columns, rows = query_read_only(Path(summary["catalog"]), """
+        select s.sample_id, p.prompt, s.value from scores s join pool p using (sample_id)
+        where s.metric = 'loss' and s.iteration = 1 order by s.value limit 10""")
+    assert columns == ["sample_id", "prompt", "value"] and len(rows) == 10
+    assert [r[2] for r in rows] == sorted(r[2] for r in rows)
+    (generated,) = query_read_only(Path(summary["catalog"]), "select count(*) from generations")[1]
+    assert generated[0] == summary["generated"]
+
+
 def test_rerun_of_the_same_run_id_recomputes_nothing_and_adds_no_rows(finished_run):
     config, summary = finished_run
     run = Path(summary["run_dir"])
@@ -73,3 +86,29 @@ def test_rerun_of_the_same_run_id_recomputes_nothing_and_adds_no_rows(finished_r
     assert sorted(p for p in run.rglob("*") if p.is_file()) == outputs
     for key in ("selected", "generated", "validation_loss_after", "test_loss_after"):
         assert again[key] == summary[key]
+
+
+def test_every_metric_and_a_strategy_choice_run_in_the_flow(prefect_harness, tiny_model_dir, tmp_path):
+    config = write_tiny_run(tmp_path, tiny_model_dir, run_id="metrics", iterations=1,
+                            score={"metrics": ["loss", "ifd", "iterit", "davir", "sppl", "diversity"],
+                                   "sppl_exemplars": 3, "sppl_max_new_tokens": 8, "reference_epochs": 1},
+                            select={"method": "topk", "metric": "ifd", "budget": 0.75},
+                            generate={"strategies": [{"name": "plain"}, {"name": "brief", "template": "{question} Be brief.",
+                                                      "temperature": 0.5}], "strategy_questions": 6})
+    summary = curate(config_path=str(config))
+    run = Path(summary["run_dir"])
+    from storage.catalog import query_read_only
+
+    _, rows = query_read_only(Path(summary["catalog"]), """
+        select metric, count(*), count(value) filter (where isfinite(value)) from scores
+        where run_id = 'metrics' group by metric order by metric""")
+    counts = {m: (n, finite) for m, n, finite in rows}
+    assert set(counts) == {"davir", "diversity", "ifd", "iterit", "loss", "ppl", "sppl"}
+    assert all(n == 47 for n, _ in counts.values()) and counts["ifd"][1] >= 40
+    assert directory_is_complete(run / "reference" / "adapter")
+    strategy = read_shard(run / "iter-001" / "strategy.parquet").to_pylist()
+    assert [r["strategy"] for r in strategy] == ["plain", "brief"] and sum(r["chosen"] for r in strategy) == 1
+    _, lowest = query_read_only(Path(summary["catalog"]), """
+        select s.sample_id, s.value, p.prompt from scores s join pool p using (run_id, sample_id)
+        where s.run_id = 'metrics' and s.metric = 'ifd' and isfinite(s.value) order by s.value limit 10""")
+    assert len(lowest) == 10 and [r[1] for r in lowest] == sorted(r[1] for r in lowest)

@@ -45,3 +45,29 @@ def build_model_dir(path: Path, seed: int = 0) -> Path:
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def build_trained_model_dir(path: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A tiny model with a style of its own: fully trained on CORPUS in chat format for a few seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_model_dir(path, seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    texts = []
+    for line in sorted(set(CORPUS)):
+        question, _, answer = line.partition("? ") if "? " in line else line.partition(". ")
+        texts.append(tokenizer.apply_chat_template(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}], tokenize=False))
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(seed)
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(path)
+    return path

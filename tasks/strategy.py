@@ -1,0 +1,63 @@
+"""Choose a response-generation strategy by self-aligned perplexity (Ren et al. 2025).
+
+Each candidate strategy (a prompt template, sampling settings and optionally another generator model)
+answers the same ~50 questions once; each answer is scored by SPPL under the target model with the same
+exemplars per question; the strategy with the lowest mean per-sample SPPL (the paper's statistic) is used
+by online generation. The table of all candidates is kept so the choice can be audited.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from storage.shards import read_shard, shard_is_complete, write_shard
+from tasks.generate import SamplingParams, sample_responses
+from tasks.models import load_model
+from tasks.score import compute_scores
+
+
+@dataclass
+class Strategy:
+    name: str
+    template: str = "{question}"  # wraps the question before the chat template
+    temperature: float = 0.8
+    top_p: float = 0.95
+    model: str = ""  # generator; empty = the current target model (base + latest adapter)
+
+
+def strategy_sppl(strategy: Strategy, questions: list[str], target: str, dtype: str, adapter: str | None,
+                  exemplars: list[str], k: int, max_seq_len: int, max_new_tokens: int, batch_tokens: int,
+                  seed: int) -> tuple[np.ndarray, list[str]]:
+    generator, tokenizer = load_model(strategy.model or target, dtype, None if strategy.model else adapter)
+    params = SamplingParams(1, strategy.temperature, strategy.top_p, max_new_tokens, batch_size=8)
+    responses = [g[0] for g in sample_responses(generator, tokenizer, questions, params, seed, strategy.template)]
+    scores = compute_scores(target, dtype, adapter, questions, responses, ["loss", "sppl"], max_seq_len,
+                            batch_tokens, exemplars=exemplars, sppl_k=k)
+    return scores["sppl"], responses
+
+
+def choose_strategy(strategies: list[Strategy], questions: list[str], out_path: Path, target: str, dtype: str,
+                    adapter: str | None, exemplars_path: Path, k: int, max_seq_len: int, max_new_tokens: int,
+                    batch_tokens: int, seed: int, producer: str = "") -> Strategy:
+    """Score every strategy, write the comparison table, return the chosen strategy."""
+    by_name = {s.name: s for s in strategies}
+    if not shard_is_complete(out_path):
+        exemplars = read_shard(exemplars_path)["response"].to_pylist()
+        rows = []
+        for strategy in strategies:
+            values, _ = strategy_sppl(strategy, questions, target, dtype, adapter, exemplars, k, max_seq_len,
+                                      max_new_tokens, batch_tokens, seed)
+            finite = values[np.isfinite(values)]
+            rows.append({"strategy": strategy.name, "questions": len(questions), "scored": len(finite),
+                         "mean_sppl": float(finite.mean()) if len(finite) else math.nan,
+                         "median_sppl": float(np.median(finite)) if len(finite) else math.nan})
+        best = min(rows, key=lambda r: (math.isnan(r["mean_sppl"]), r["mean_sppl"]))["strategy"]
+        for row in rows:
+            row["chosen"] = row["strategy"] == best
+        write_shard(pa.Table.from_pylist(rows), out_path, producer)
+    table = read_shard(out_path).to_pylist()
+    return by_name[next(r["strategy"] for r in table if r["chosen"])]
