@@ -26,7 +26,7 @@ from storage.shards import read_manifest, read_shard, shard_is_complete, write_s
 from tasks.models import load_model, model_fingerprint, render_prompt
 from tasks.nll import response_nll
 from tasks.sppl import sppl_contexts
-from tasks.tokens import encode_contexts, encode_pairs
+from tasks.tokens import pair, tokenize_responses, tokenize_texts
 
 SCORER_VERSION = "2"  # bump when a metric's definition changes: old cache entries stop matching
 METRICS = ("loss", "ifd", "iterit", "davir", "sppl")
@@ -50,22 +50,23 @@ def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: 
     """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics."""
     model, tokenizer = load_model(model_name, dtype, adapter)
     pad = tokenizer.pad_token_id
-    encoded = encode_pairs(tokenizer, questions, responses, max_seq_len)
+    question_ids = tokenize_texts(tokenizer, [render_prompt(tokenizer, q) for q in questions])
+    response_ids = tokenize_responses(tokenizer, responses)  # once: every context scores these same tokens
+    room = [len(q) for q in question_ids]  # the question context decides how much of a response fits
+    encoded = pair(question_ids, response_ids, room, max_seq_len)
     loss, counts = response_nll(model, encoded, pad, batch_tokens, progress)
     out = {"loss": loss, "ppl": np.exp(loss.astype(np.float64)).astype(np.float32), "n_tokens": counts,
            "truncated": np.array([e.truncated for e in encoded])}
     if "ifd" in metrics or "iterit" in metrics:
-        question_contexts = [render_prompt(tokenizer, q) for q in questions]
-        empty = [render_prompt(tokenizer, "")] * len(questions)
-        alone, _ = response_nll(model, encode_contexts(tokenizer, empty, responses, max_seq_len, question_contexts),
-                                pad, batch_tokens)
+        empty = tokenize_texts(tokenizer, [render_prompt(tokenizer, "")])[0]
+        alone, _ = response_nll(model, pair([empty] * len(questions), response_ids, room, max_seq_len), pad,
+                                batch_tokens)
         out["ifd"] = _ratio(loss, alone)
         out["iterit"] = np.exp(loss.astype(np.float64) - alone.astype(np.float64)).astype(np.float32)
     if "sppl" in metrics:
         contexts, _ = sppl_contexts(tokenizer, questions, [len(e.response_ids) for e in encoded], exemplars or [],
                                     sppl_k, max_seq_len)
-        primed, _ = response_nll(model, encode_contexts(tokenizer, contexts, responses, max_seq_len,
-                                                        [render_prompt(tokenizer, q) for q in questions]),
+        primed, _ = response_nll(model, pair(tokenize_texts(tokenizer, contexts), response_ids, room, max_seq_len),
                                  pad, batch_tokens)
         out["sppl"] = np.exp(primed.astype(np.float64)).astype(np.float32)
     if "davir" in metrics:

@@ -22,36 +22,31 @@ class Encoded:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_len: int) -> list[Encoded]:
-    """Tokenize each pair once; over-long pairs lose the end of the response and are flagged `truncated`."""
-    prompts = [render_prompt(tokenizer, q) for q in questions]
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+def tokenize_responses(tokenizer, responses: list[str]) -> list[list[int]]:
+    """Each response's ids plus the end-of-turn token; computed once per sample for every metric."""
     eot = end_of_turn_id(tokenizer)
+    return [ids + [eot] for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+
+
+def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    return tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+
+def pair(context_ids: list[list[int]], response_ids: list[list[int]], room_lengths: list[int],
+         max_seq_len: int) -> list[Encoded]:
+    """Splice responses after contexts. The response keeps `max_seq_len - room_length` tokens, so scores in
+    different contexts (question, empty turn, exemplars) can be given the same room and compare the same tokens."""
     encoded = []
-    for p, r in zip(prompt_ids, response_ids):
-        r = r + [eot]
-        room = max(max_seq_len - len(p), 0)  # a prompt that fills the window leaves no response: NaN later
-        encoded.append(Encoded(p, r[:room], truncated=len(r) > room))
-    return encoded
-
-
-def encode_contexts(tokenizer, contexts: list[str], responses: list[str], max_seq_len: int,
-                    room_from: list[str] | None = None) -> list[Encoded]:
-    """Pairs whose prompt is an already-rendered context (e.g. an empty user turn, or exemplars + question).
-
-    `room_from` names, per row, the context that decides how much of the response fits; ratios such as IFD
-    pass the question context here so both terms score exactly the same response tokens."""
-    context_ids = tokenizer(contexts, add_special_tokens=False)["input_ids"]
-    limit_ids = tokenizer(room_from, add_special_tokens=False)["input_ids"] if room_from else context_ids
-    response_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
-    eot = end_of_turn_id(tokenizer)
-    encoded = []
-    for c, limit, r in zip(context_ids, limit_ids, response_ids):
-        r = r + [eot]
-        room = max(max_seq_len - max(len(c), len(limit)), 0)
+    for c, r, used in zip(context_ids, response_ids, room_lengths):
+        room = max(max_seq_len - used, 0)  # a prompt that fills the window leaves no response: NaN later
         encoded.append(Encoded(c, r[:room], truncated=len(r) > room))
     return encoded
+
+
+def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_len: int) -> list[Encoded]:
+    """Tokenize each pair once; over-long pairs lose the end of the response and are flagged `truncated`."""
+    prompts = tokenize_texts(tokenizer, [render_prompt(tokenizer, q) for q in questions])
+    return pair(prompts, tokenize_responses(tokenizer, responses), [len(p) for p in prompts], max_seq_len)
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

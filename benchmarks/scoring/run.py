@@ -1,4 +1,4 @@
-"""python benchmarks/scoring/run.py --samples 1000 --out benchmarks/scoring/results.json
+"""python benchmarks/scoring/run.py --samples 1000 --naive-samples 200 --out benchmarks/scoring/results.json
 
 Scoring benchmark: the batched response-NLL scorer against a naive per-sample loop, and the scoring flow's
 overhead outside the model forward. Then `python benchmarks/scoring/table.py benchmarks/scoring/results.json`
@@ -496,7 +496,8 @@ def run_worker_subprocess(variant: str, args, log_dir: Path) -> dict:
     out = log_dir / f"{variant}.json"
     log = log_dir / f"{variant}.log"
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", variant, "--worker-out", str(out),
-           "--samples", str(args.samples), "--batch-tokens", str(args.batch_tokens),
+           "--samples", str(args.naive_samples or args.samples if variant == REFERENCE else args.samples),
+           "--batch-tokens", str(args.batch_tokens),
            "--max-seq-len", str(args.max_seq_len), "--data", str(args.data), "--dtype", args.dtype,
            "--shard-rows", str(args.shard_rows), "--threads", str(args.threads)]
     t = time.perf_counter()
@@ -514,6 +515,9 @@ def run_worker_subprocess(variant: str, args, log_dir: Path) -> dict:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Scoring benchmark (see the module docstring).")
     ap.add_argument("--samples", type=int, default=1000, help="first N rows of the data file (default 1000)")
+    ap.add_argument("--naive-samples", type=int, default=0,
+                    help="first N rows for naive_fp32 only (its tokens/s does not depend on N; agreement is "
+                         "computed on these rows); default: --samples")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results.json"))
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list from {', '.join(VARIANTS)}")
     ap.add_argument("--batch-tokens", type=int, default=4096, help="padded tokens per batch (default 4096)")
@@ -559,7 +563,8 @@ def main(argv=None) -> None:
             "date": started.isoformat(timespec="seconds"),
         },
         "parameters": {
-            "samples": args.samples, "data": str(args.data), "rows": "first N in file order",
+            "samples": args.samples, "naive_samples": args.naive_samples or args.samples, "data": str(args.data),
+            "rows": "first N in file order",
             "model": "default (SmolLM2-135M-Instruct)", "max_seq_len": args.max_seq_len,
             "batch_tokens": args.batch_tokens, "flow_dtype": args.dtype, "shard_rows": args.shard_rows,
             "variants": variants, "reference": REFERENCE,
