@@ -5,6 +5,9 @@
     curate run CONFIG [--run-id ID] [--root DIR]
     curate runs                             # runs in the catalog
     curate sql "select * from runs"         # read-only SQL on the catalog
+    curate report RUN_ID [--open]           # plots + HTML page of a run
+    curate serve CONFIG --cron "0 2 * * *"  # a scheduled deployment served by this process (needs a server)
+    curate deploy                           # prefect deploy of deployments/prefect.yaml (+ its process pools)
 """
 from __future__ import annotations
 
@@ -65,6 +68,59 @@ def sql(query: str, root: str, fmt: str) -> None:
         print(format_table(columns, rows))
 
 
+def _require_server() -> str:
+    """Schedules need a Prefect server that outlives this process; Prefect's temporary one does not."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ConfigError("no Prefect server: start one with `prefect server start` and set "
+                          "PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return url
+
+
+def serve(config: str, cron: str | None, name: str) -> None:
+    from flows.config import load_config
+    from flows.curate import curate
+
+    cfg = load_config(config)
+    _require_server()
+    # The catalog has one writer: at most one run of this deployment at a time, later ones wait.
+    curate.serve(name=name or cfg.run_id, cron=cron, parameters={"config_path": str(Path(config).resolve())},
+                 global_limit=1, tags=["sft-curate"])
+
+
+def deploy(prefect_file: str) -> int:
+    """`prefect deploy --all` from the repository root (entrypoints are relative to it), after creating the
+    process work pools the file names that do not exist yet."""
+    import subprocess
+
+    import yaml
+
+    prefect_file = str(Path(prefect_file).resolve())
+    spec = yaml.safe_load(Path(prefect_file).read_text())
+    _require_server()
+    prefect = [sys.executable, "-m", "prefect"]
+    for pool in sorted({d["work_pool"]["name"] for d in spec.get("deployments") or [] if d.get("work_pool")}):
+        found = subprocess.run(prefect + ["work-pool", "inspect", pool], cwd=REPO, capture_output=True, timeout=120)
+        if found.returncode != 0:
+            subprocess.run(prefect + ["work-pool", "create", pool, "--type", "process"], cwd=REPO, check=True,
+                           timeout=120)
+    return subprocess.run(prefect + ["--no-prompt", "deploy", "--prefect-file", prefect_file, "--all"], cwd=REPO,
+                          timeout=600).returncode
+
+
+def report(run_id: str, root: str, open_browser: bool) -> None:
+    from flows.report import write_report
+
+    index = write_report(Path(root) / "catalog.duckdb", run_id)
+    print(index)
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(index.resolve().as_uri())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curate", description="Curate an SFT pool against a validation set.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default=DEFAULT_ROOT)
     p.add_argument("--format", default="table", choices=["table", "csv", "json"])
     sub.add_parser("fetch-model", help="download and convert the default model (SmolLM2-135M-Instruct)")
+    p = sub.add_parser("report", help="plots and an HTML page of a run, from the catalog")
+    p.add_argument("run_id")
+    p.add_argument("--root", default=DEFAULT_ROOT)
+    p.add_argument("--open", action="store_true", help="open the page in a browser")
+    p = sub.add_parser("serve", help="serve the curate flow for CONFIG with a schedule (no work pool)")
+    p.add_argument("config")
+    p.add_argument("--cron", default=None, help='cron schedule, e.g. "0 2 * * *" (UTC); none: runs on demand')
+    p.add_argument("--name", default="", help="deployment name (default: the config's run_id)")
+    p = sub.add_parser("deploy", help="prefect deploy --all for a prefect.yaml (creates its process work pools)")
+    p.add_argument("--prefect-file", default=str(REPO / "deployments" / "prefect.yaml"))
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
@@ -105,6 +171,12 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.models import fetch_default_model
 
             fetch_default_model()
+        elif args.command == "report":
+            report(args.run_id, args.root, args.open)
+        elif args.command == "serve":
+            serve(args.config, args.cron, args.name)
+        elif args.command == "deploy":
+            return deploy(args.prefect_file)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

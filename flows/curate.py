@@ -14,7 +14,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.artifacts import publish_iteration
 from flows.config import CurateConfig, load_config, parse_config
+from flows.report import write_report
 from flows.stages import (diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task, plan_task,
                           reference_task, reweight_task, score_task, select_task, strategy_task, train_set_task,
                           train_task)
@@ -125,7 +127,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     train_set = paths.train_set(iteration)
     mixed_in = validation if s.method == "full" else []  # direct mixing: pool + validation, uniform
-    built = train_set_task.with_options(task_run_name=f"train-set-{run_id}-it{iteration}")(
+    train_set_task.with_options(task_run_name=f"train-set-{run_id}-it{iteration}")(
         pool, weights, refined, generations, generation_weights, mixed_in, train_set)
     _record_shards(catalog, run_id, iteration, "train_set", [train_set], [weights, *generation_weights, *mixed_in],
                    "assembled_from")
@@ -152,6 +154,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
                                                             "steps": trained["steps"]})
     catalog.record_coverage(run_id, iteration, coverage_rows(pool, train_set))
     catalog.upsert_iteration(run_id, iteration, fingerprint, str(adapter), "completed", str(flow_run.id))
+    report = write_report(paths.catalog, run_id)  # the run's plots so far; the artifacts link them
+    publish_iteration(paths.catalog, run_id, iteration, report.parent)
     log.info("iteration %d: validation loss %.4f, test loss %.4f", iteration, metrics["validation_loss"],
              metrics["test_loss"])
     return {"selected": selection["selected"], "generated": sum(read_manifest(p)["rows"] for p in generations),

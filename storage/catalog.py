@@ -6,6 +6,14 @@ its work in one transaction and closes, and readers (`curate sql`) get in betwee
 while another process holds the lock. Every table has a primary key and every write is an upsert, so
 recording the same thing twice (a retried task, a resumed run) replaces the row instead of adding one.
 Timestamps are naive UTC.
+
+Tables and views for lineage questions (`curate sql`):
+- weight_history: every pool sample's weight, selected flag and drop reason per run, iteration and epoch
+- coverage: per run, iteration and source: questions kept, responses regenerated, weight entropy, ESS
+- lineage: artifact -> artifact edges (src, dst, relation), e.g. train_set -trained_on-> adapter
+- current_weights (view): each sample's weight in the latest iteration (last epoch) of its run
+- why_dropped (view): the unselected samples with iteration, method and reason
+- lineage_artifacts (view): lineage edges with the kind, iteration, rows and producing task run of both ends
 """
 from __future__ import annotations
 
@@ -44,6 +52,15 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS quarantine (
     run_id VARCHAR, split VARCHAR, file VARCHAR, reason VARCHAR, rows BIGINT,
     PRIMARY KEY (run_id, split, file, reason));
+CREATE OR REPLACE VIEW current_weights AS
+    SELECT run_id, sample_id, iteration, epoch, weight, selected, reason, method FROM weight_history
+    QUALIFY row_number() OVER (PARTITION BY run_id, sample_id ORDER BY iteration DESC, epoch DESC) = 1;
+CREATE OR REPLACE VIEW why_dropped AS
+    SELECT run_id, iteration, epoch, sample_id, method, reason, weight FROM weight_history WHERE NOT selected;
+CREATE OR REPLACE VIEW lineage_artifacts AS
+    SELECT l.run_id, l.relation, l.src, s.kind AS src_kind, s.iteration AS src_iteration, s.rows AS src_rows,
+           l.dst, d.kind AS dst_kind, d.iteration AS dst_iteration, d.rows AS dst_rows, d.task_run_id AS dst_task_run_id
+    FROM lineage l LEFT JOIN artifacts s ON s.path = l.src LEFT JOIN artifacts d ON d.path = l.dst;
 """
 TABLES = ("runs", "iterations", "artifacts", "lineage", "weight_history", "coverage", "metrics", "quarantine")
 

@@ -283,7 +283,8 @@ def worker_flow(args) -> dict:
     tasks.nll.batch_nll = timer.wrap("forward", tasks.nll.batch_nll)
     tasks.score.response_nll = timer.wrap("response_nll", tasks.score.response_nll)
     tasks.score.load_model = timer.wrap("model_load", tasks.score.load_model)
-    tasks.score.encode_pairs = timer.wrap("tokenize", tasks.score.encode_pairs)
+    for name in ("tokenize_texts", "tokenize_responses", "pair"):  # building model inputs, once per sample
+        setattr(tasks.score, name, timer.wrap("tokenize", getattr(tasks.score, name)))
     tasks.score.read_shard = timer.wrap("read_shard", tasks.score.read_shard)
     tasks.score.write_shard = timer.wrap("write_shard", tasks.score.write_shard)
     tasks.score.model_fingerprint = timer.wrap("model_fingerprint", tasks.score.model_fingerprint)
@@ -528,6 +529,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--save-losses", action="store_true", help="keep every variant's per-sample losses in the JSON")
     ap.add_argument("--log-dir", type=Path, default=None, help="worker logs (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true", help="reuse finished workers' results found in --log-dir")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -583,7 +585,14 @@ def main(argv=None) -> None:
     }
     for variant in variants:
         print(f"[{variant}] running (samples={args.samples}) ...", flush=True)
-        record = run_worker_subprocess(variant, args, log_dir)
+        done = log_dir / f"{variant}.json"
+        if args.resume and done.exists():  # a finished worker of an interrupted run: keep its measurement
+            record = json.loads(done.read_text().splitlines()[-1])
+            record["resumed_from"] = str(done)
+        else:
+            record = run_worker_subprocess(variant, args, log_dir)
+        if "subprocess_wall_s" not in record:
+            record["subprocess_wall_s"] = float("nan")
         results["variants"][variant] = record
         extra = (f", overhead {record['overhead_share']:.1%} ({record['overhead_share_excl_one_off']:.1%} "
                  f"excl. one-off)" if variant == "flow_overhead" else "")

@@ -1,0 +1,81 @@
+"""Prefect artifacts of an iteration: metrics and coverage tables and a markdown summary linking the plots.
+
+Keys are stable per run (`curate-<run>-metrics`, `curate-<run>-coverage`, `curate-<run>-summary`), so each
+iteration, and each nightly rerun of the same run id, adds a version to the same key and the UI's Artifacts
+page shows the history. Keys may hold only lowercase letters, digits and dashes; `artifact_key` makes one.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import FlowRunContext
+
+from flows.report import PLOTS
+from storage.catalog import query_read_only
+
+
+def artifact_key(run_id: str, kind: str) -> str:
+    """`curate-<run>-<kind>` with every run of characters other than [a-z0-9] turned into one dash."""
+    slug = re.sub(r"[^a-z0-9]+", "-", f"curate-{run_id}-{kind}".lower()).strip("-")
+    return slug
+
+
+def iteration_tables(catalog_path: Path, run_id: str, iteration: int) -> tuple[list[dict], list[dict]]:
+    """Metrics of the iteration (with the selection and reweighting methods) and coverage per source."""
+    _, methods = query_read_only(Path(catalog_path), """
+        select string_agg(distinct method, ', ' order by method) from weight_history
+        where run_id = ? and iteration = ?""", [run_id, iteration])
+    method = methods[0][0] if methods else None
+    columns, rows = query_read_only(Path(catalog_path), """
+        select iteration, stage, name as metric, value from metrics where run_id = ? and iteration in (0, ?)
+        order by iteration, stage, name""", [run_id, iteration])
+    metrics = [{"method": method, **dict(zip(columns, r))} for r in rows]
+    columns, rows = query_read_only(Path(catalog_path), """
+        select iteration, source, questions_total, questions_kept, responses_regenerated,
+               round(weight_entropy, 4) as weight_entropy, round(effective_sample_size, 2) as effective_sample_size
+        from coverage where run_id = ? and iteration = ? order by source""", [run_id, iteration])
+    return metrics, [dict(zip(columns, r)) for r in rows]
+
+
+def summary_markdown(run_id: str, iteration: int, metrics: list[dict], coverage: list[dict], report_dir: Path) -> str:
+    value = {(m["iteration"], m["stage"], m["metric"]): m["value"] for m in metrics}
+
+    def loss(name: str) -> str:
+        before, after = value.get((0, "evaluate", name)), value.get((iteration, "evaluate", name))
+        return f"{before:.4f} -> {after:.4f}" if before is not None and after is not None else "n/a"
+
+    kept = sum(c["questions_kept"] for c in coverage)
+    total = sum(c["questions_total"] for c in coverage)
+    lines = [
+        f"# curate `{run_id}`, iteration {iteration}",
+        "",
+        f"- selection method: `{metrics[0]['method'] if metrics else 'n/a'}`",
+        f"- pool samples selected: {value.get((iteration, 'select', 'selected'), 0):.0f}"
+        f" of {value.get((iteration, 'select', 'pool'), 0):.0f}",
+        f"- responses generated: {value.get((iteration, 'generate', 'responses'), 0):.0f}",
+        f"- questions covered: {kept} of {total}",
+        f"- validation loss (base -> this iteration): {loss('validation_loss')}",
+        f"- test loss (base -> this iteration): {loss('test_loss')}",
+        "",
+        f"Report: [index.html]({(report_dir / 'index.html').resolve().as_uri()})"
+        f" (`curate report {run_id}`), plots on the machine that ran the flow:",
+        "",
+    ]
+    lines += [f"- [{title}]({(report_dir / name).resolve().as_uri()})" for name, title in PLOTS.items()]
+    return "\n".join(lines) + "\n"
+
+
+def publish_iteration(catalog_path: Path, run_id: str, iteration: int, report_dir: Path) -> list[str]:
+    """Create the three artifacts of one iteration; returns their keys. Outside a flow run it does nothing
+    (returns []), so stage code can be called from plain Python and tests."""
+    if FlowRunContext.get() is None:
+        return []
+    metrics, coverage = iteration_tables(catalog_path, run_id, iteration)
+    keys = [artifact_key(run_id, kind) for kind in ("metrics", "coverage", "summary")]
+    create_table_artifact(metrics, key=keys[0], description=f"{run_id} iteration {iteration}: metrics (0 = base)")
+    create_table_artifact(coverage, key=keys[1], description=f"{run_id} iteration {iteration}: coverage per source")
+    create_markdown_artifact(summary_markdown(run_id, iteration, metrics, coverage, Path(report_dir)), key=keys[2],
+                             description=f"{run_id} iteration {iteration}: summary and plots")
+    return keys

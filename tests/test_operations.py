@@ -1,0 +1,317 @@
+"""Operations: deployments match their flows; a real `prefect server start` runs a deployed (process work pool)
+and a served (cron) curate flow to Completed, with their artifacts; the report's four plots, opened in headless
+Chromium. `pytest tests/test_operations.py`"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from flows.config import load_config
+from flows.report import PLOTS, write_report
+from tests.conftest import REPO, write_tiny_run
+
+PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+RUN_TIMEOUT = 420  # seconds for one tiny flow run in a worker or runner subprocess, start to Completed
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def deployments() -> list[dict]:
+    return yaml.safe_load(PREFECT_YAML.read_text())["deployments"]
+
+
+@pytest.mark.parametrize("deployment", deployments(), ids=lambda d: d["name"])
+def test_deployment_entrypoint_parameters_and_config_match_the_flow(deployment):
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, function = deployment["entrypoint"].split(":")
+    assert not Path(path).is_absolute() and (REPO / path).is_file(), "entrypoints are relative to the repo root"
+    flow = load_flow_from_entrypoint(f"{REPO / path}:{function}")
+    parameters = deployment.get("parameters") or {}
+    inspect.signature(flow.fn).bind(**parameters)  # an unknown or missing parameter raises TypeError
+    flow.validate_parameters(parameters)  # and their types, as Prefect checks them for a run
+    assert "config_path" in parameters
+    config = REPO / parameters["config_path"]
+    assert config.is_file(), f"{deployment['name']}: no config {config}"
+    load_config(config)  # raises ConfigError naming the field
+    assert deployment["work_pool"]["name"] and deployment["concurrency_limit"] == 1
+    assert deployment["schedules"]
+    for schedule in deployment["schedules"]:
+        CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
+
+
+# --- a real Prefect server on 127.0.0.1 ---------------------------------------------------------------------
+
+@dataclass
+class Server:
+    api: str
+    env: dict
+    home: Path
+    client: httpx.Client
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group (the server's uvicorn, a worker's flow-run processes), SIGKILL after 20 s."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _wait_for(check, timeout: float, what: str, interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home / "home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
+    proc = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                  env, home / "server.log")
+    client = httpx.Client(base_url=api, timeout=30)
+
+    def healthy() -> bool:
+        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+        try:
+            return client.get("/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        _wait_for(healthy, 180, "prefect server start to answer /api/health")
+        yield Server(api, env, home, client)
+    finally:
+        client.close()
+        _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model_dir, tmp_path_factory) -> Path:
+    return write_tiny_run(tmp_path_factory.mktemp("ops"), tiny_model_dir, run_id="ops", iterations=2)
+
+
+def _wait_until_final(server: Server, flow_run_id: str, log: Path) -> dict:
+    def final():
+        run = server.client.get(f"/flow_runs/{flow_run_id}").json()
+        return run if run["state"]["type"] in FINAL else None
+
+    run = _wait_for(final, RUN_TIMEOUT, f"flow run {flow_run_id} to finish", interval=2)
+    if run["state"]["type"] != "COMPLETED":
+        logs = server.client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
+                                                         "limit": 200}).json()
+        text = "\n".join(entry["message"] for entry in logs)[-4000:]
+        raise AssertionError(f"flow run ended {run['state']['type']}: {run['state']['message']}\n{text}\n"
+                             f"{log.read_text()[-3000:]}")
+    return run
+
+
+def _check_artifacts(server: Server, flow_run_id: str) -> dict:
+    """Each iteration's subflow published a metrics table, a coverage table and a summary, under keys that
+    are the same for every iteration (the UI shows their history)."""
+    subflows = server.client.post("/flow_runs/filter", json={
+        "flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}, "sort": "NAME_ASC"}).json()
+    assert [r["name"] for r in subflows] == ["curate-ops-iter-001", "curate-ops-iter-002"]
+    assert all(r["state"]["type"] == "COMPLETED" for r in subflows)
+    ids = [r["id"] for r in subflows]
+    artifacts = server.client.post("/artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": ids}}}).json()
+    by_key = {}
+    for a in artifacts:
+        by_key.setdefault(a["key"], []).append(a)
+    assert sorted(by_key) == ["curate-ops-coverage", "curate-ops-metrics", "curate-ops-summary"]
+    assert all(sorted(a["flow_run_id"] for a in found) == sorted(ids) for found in by_key.values())
+    for a in by_key["curate-ops-metrics"]:
+        rows = json.loads(a["data"])
+        names = {(r["stage"], r["metric"]) for r in rows}
+        assert {("evaluate", "validation_loss"), ("evaluate", "test_loss"), ("select", "selected")} <= names
+        assert {r["method"] for r in rows} == {"topk"}
+    for a in by_key["curate-ops-coverage"]:
+        rows = json.loads(a["data"])
+        assert sorted((r["source"], r["questions_total"]) for r in rows) == [("alpaca", 37), ("hh", 10)]
+    for a in by_key["curate-ops-summary"]:
+        assert a["type"] == "markdown" and "index.html" in a["data"]
+        assert all(name in a["data"] for name in PLOTS)
+    latest = server.client.get("/artifacts/curate-ops-summary/latest").json()
+    assert "iteration 2" in latest["data"] and latest["flow_run_id"] == ids[-1]
+    return by_key
+
+
+def _scheduled_runs(server: Server, deployment_id: str, at: str) -> list[dict]:
+    """The runs Prefect's scheduler created ahead for a deployment: all at `at` (HH:MM, UTC)."""
+    def scheduled():
+        return server.client.post("/flow_runs/filter", json={"flow_runs": {
+            "deployment_id": {"any_": [deployment_id]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
+
+    upcoming = _wait_for(scheduled, 120, "the scheduler to create the deployment's scheduled runs", interval=2)
+    assert all(r["expected_start_time"][11:16] == at for r in upcoming), [r["expected_start_time"] for r in upcoming]
+    return upcoming
+
+
+def test_curate_deploy_runs_the_nightly_deployment_on_a_process_worker(server, tiny_config, tmp_path):
+    # deployments/prefect.yaml as it is, pointed at the tiny config instead of the demo's
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    (nightly,) = [d for d in spec["deployments"] if d["name"] == "nightly-demo"]
+    spec["deployments"] = [{**nightly, "name": "nightly-tiny", "parameters": {"config_path": str(tiny_config)}}]
+    prefect_file = tmp_path / "prefect.yaml"
+    prefect_file.write_text(yaml.safe_dump(spec))
+    deploy = subprocess.run([sys.executable, "-m", "flows.cli", "deploy", "--prefect-file", str(prefect_file)],
+                            cwd=REPO, env=server.env, capture_output=True, text=True, timeout=300)
+    assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
+
+    deployment = server.client.get("/deployments/name/curate/nightly-tiny").json()
+    assert deployment["entrypoint"] == "flows/curate.py:curate"
+    assert deployment["parameters"] == {"config_path": str(tiny_config)}
+    assert deployment["work_pool_name"] == nightly["work_pool"]["name"]
+    assert deployment["global_concurrency_limit"]["limit"] == 1
+    assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 2 * * *"]
+    assert server.client.get(f"/work_pools/{nightly['work_pool']['name']}").json()["type"] == "process"
+    _scheduled_runs(server, deployment["id"], "02:00")
+
+    worker_log = tmp_path / "worker.log"
+    worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", nightly["work_pool"]["name"]],
+                    server.env, worker_log, cwd=tmp_path)
+    try:
+        run = server.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
+        run = _wait_until_final(server, run["id"], worker_log)
+    finally:
+        _stop(worker)
+    assert run["name"] == "curate-ops"
+    _check_artifacts(server, run["id"])
+
+
+def test_curate_serve_schedules_runs_and_runs_them_without_a_work_pool(server, tiny_config, tmp_path):
+    serve_log = tmp_path / "serve.log"
+    serve = _start([sys.executable, "-m", "flows.cli", "serve", str(tiny_config), "--cron", "0 3 * * *",
+                    "--name", "tiny-served"], server.env, serve_log)
+    try:
+        def served():
+            assert serve.poll() is None, serve_log.read_text()[-3000:]
+            response = server.client.get("/deployments/name/curate/tiny-served")
+            return response.json() if response.status_code == 200 else None
+
+        deployment = _wait_for(served, 120, "curate serve to register its deployment")
+        assert deployment["work_pool_name"] is None and deployment["parameters"] == {"config_path": str(tiny_config)}
+        assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
+        assert deployment["global_concurrency_limit"]["limit"] == 1
+
+        _scheduled_runs(server, deployment["id"], "03:00")
+        run = server.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
+        run = _wait_until_final(server, run["id"], serve_log)
+    finally:
+        _stop(serve)
+    assert run["name"] == "curate-ops"
+    _check_artifacts(server, run["id"])
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def finished_run(prefect_harness, tiny_config) -> Path:
+    """The tiny run, finished in this process (instant when the server tests above already ran it)."""
+    from flows.curate import curate
+
+    summary = curate(config_path=str(tiny_config))
+    return Path(summary["catalog"])
+
+
+def test_report_has_four_plots_and_a_page_that_shows_them(finished_run, capsys):
+    from PIL import Image
+
+    from flows.cli import main
+
+    report_dir = finished_run.parent / "runs" / "ops" / "report"
+    assert (report_dir / "index.html").exists(), "the flow writes the report after every iteration"
+    stamps = {p.name: p.stat().st_mtime_ns for p in report_dir.iterdir()}
+    index = write_report(finished_run, "ops")
+    assert index == report_dir / "index.html"
+    assert {p.name: p.stat().st_mtime_ns for p in report_dir.iterdir()} == stamps, "unchanged data: no redraw"
+    for name in PLOTS:
+        with Image.open(report_dir / name) as image:
+            assert image.format == "PNG" and image.size == (800, 400)
+            assert len(image.convert("RGB").getcolors(1 << 16)) > 50  # drawn, not blank
+    page = index.read_text()
+    assert [f'<img src="{name}"' in page for name in PLOTS] == [True] * 4
+    assert "evaluate.validation_loss" in page and "<td>alpaca</td>" in page and "<td>hh</td>" in page
+    data = json.loads((report_dir / "report.json").read_text())
+    assert len(data["weights"]) == 2 * 47 and {r["iteration"] for r in data["coverage"]} == {1, 2}
+
+    elsewhere = write_report(finished_run, "ops", finished_run.parent / "elsewhere")
+    assert sorted(p.name for p in elsewhere.parent.iterdir()) == sorted([*PLOTS, "index.html", "report.json"])
+    assert main(["report", "ops", "--root", str(finished_run.parent)]) == 0
+    assert capsys.readouterr().out.strip() == str(index)
+    assert main(["report", "nope", "--root", str(finished_run.parent)]) == 1
+    assert "no metrics or weights" in capsys.readouterr().err
+
+
+def test_report_opens_in_headless_chromium(finished_run, tmp_path):
+    from PIL import Image
+
+    chromium = shutil.which("chromium")
+    if not chromium:
+        pytest.skip("chromium is not installed (.ci/run installs Debian's chromium)")
+    report_dir = finished_run.parent / "runs" / "ops" / "report"
+    flags = [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}"]
+
+    # Did every image load? A copy of the page that writes the images' natural widths into its title.
+    copy = shutil.copytree(report_dir, tmp_path / "report")
+    page = (copy / "index.html").read_text().replace("</body>", "<script>window.addEventListener('load', () => "
+                                                     "{document.title = 'widths:' + Array.from(document.images)"
+                                                     ".map(i => i.naturalWidth).join(',')})</script></body>")
+    (copy / "check.html").write_text(page)
+    dom = subprocess.run(flags + ["--virtual-time-budget=5000", "--dump-dom", (copy / "check.html").as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert "<title>widths:800,800,800,800</title>" in dom.stdout, dom.stderr[-2000:]
+
+    screenshot = REPO / "test-output" / "report-screenshot.png"  # kept for people to look at
+    screenshot.parent.mkdir(exist_ok=True)
+    screenshot.unlink(missing_ok=True)
+    shot = subprocess.run(flags + [f"--screenshot={screenshot}", "--window-size=1200,1600", (report_dir / "index.html").as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert screenshot.exists(), shot.stderr[-2000:]
+    with Image.open(screenshot) as image:
+        assert image.size == (1200, 1600)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.int32)
+    # matplotlib's first line colour (C0, #1f77b4) only appears if the plots were painted
+    blue = (np.abs(pixels - np.array([31, 119, 180])).max(axis=-1) < 25).sum()
+    assert blue > 500
