@@ -16,12 +16,9 @@ import json
 import os
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # Figure, not pyplot: no global state, no display, safe in any thread
 
-matplotlib.use("Agg")  # files only, no display; set before pyplot is imported
-import matplotlib.pyplot as plt  # noqa: E402
-
-from storage.catalog import query_read_only  # noqa: E402
+from storage.catalog import query_read_only
 
 PLOTS = {
     "weights.png": "Weight distribution per iteration",
@@ -76,8 +73,7 @@ def write_report(catalog_path: Path, run_id: str, out_dir: Path | None = None) -
                        ("coverage.png", plot_coverage), ("metrics.png", plot_metrics)):
         fig = draw(data)
         fig.suptitle(f"{PLOTS[name]} (run {run_id})", fontsize=11)
-        _atomic(out_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
+        _atomic(out_dir / name, lambda tmp: fig.savefig(tmp, format="png", dpi=100))  # Agg: a PNG file
     _atomic(index, lambda tmp: Path(tmp).write_text(render_html(run_id, data)))
     _atomic(record, lambda tmp: Path(tmp).write_text(json.dumps({"run_id": run_id, "sha256": digest, **data},
                                                                  indent=1, default=str)))
@@ -101,7 +97,8 @@ def _empty(ax, text: str) -> None:
 
 
 def plot_weights(data: dict):
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
     rows = data["weights"]
     if not rows:
         _empty(ax, "no weights recorded")
@@ -123,7 +120,8 @@ def plot_weights(data: dict):
 
 
 def plot_trajectories(data: dict):
-    fig, ax = plt.subplots(figsize=(8, 4), layout="constrained")
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
     rows = data["weights"]
     if not rows:
         _empty(ax, "no weights recorded")
@@ -151,7 +149,8 @@ def plot_trajectories(data: dict):
 
 
 def plot_coverage(data: dict):
-    fig, (kept_ax, ess_ax) = plt.subplots(1, 2, figsize=(8, 4), layout="constrained")
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    kept_ax, ess_ax = fig.subplots(1, 2)
     rows = data["coverage"]
     if not rows:
         _empty(kept_ax, "no coverage recorded")
@@ -176,7 +175,8 @@ def plot_metrics(data: dict):
     rows = data["metrics"]
     losses = sorted({(r["stage"], r["name"]) for r in rows if "loss" in r["name"]})
     counts = sorted({(r["stage"], r["name"]) for r in rows if "loss" not in r["name"]})
-    fig, (loss_ax, count_ax) = plt.subplots(1, 2, figsize=(8, 4), layout="constrained")
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    loss_ax, count_ax = fig.subplots(1, 2)
     for ax, keys in ((loss_ax, losses), (count_ax, counts)):
         if not keys:
             _empty(ax, "no metrics recorded")

@@ -54,6 +54,38 @@ def test_deployment_entrypoint_parameters_and_config_match_the_flow(deployment):
         CronSchedule(cron=schedule["cron"], timezone=schedule.get("timezone"))
 
 
+def test_lineage_views_answer_current_weight_and_why_dropped(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.catalog import Catalog, query_read_only
+
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    rounds = {  # (iteration, epoch): weights of samples a, b, c
+        (1, 0): [(1.0, True, ""), (0.0, False, "topk: ranks 3/3"), (1.0, True, "")],
+        (2, 0): [(0.5, True, ""), (1.5, True, ""), (0.0, False, "topk: ranks 3/3")],
+        (2, 1): [(0.0, False, "bds: weight below threshold"), (2.0, True, ""), (1.0, True, "")],
+    }
+    for (iteration, epoch), rows in rounds.items():
+        path = tmp_path / f"w{iteration}{epoch}.parquet"
+        pq.write_table(pa.table({"sample_id": ["a", "b", "c"], "weight": [r[0] for r in rows],
+                                 "selected": [r[1] for r in rows], "reason": [r[2] for r in rows],
+                                 "method": ["topk"] * 3}), path)
+        catalog.record_weights("r", iteration, epoch, path)
+    catalog.record_artifact("r", 1, "train_set", "t.parquet", {"rows": 2, "sha256": "x"})
+    catalog.record_artifact("r", 1, "adapter", "adapter", {"rows": 2, "sha256": "y"})
+    catalog.record_lineage("r", "t.parquet", "adapter", "trained_on")
+    db = tmp_path / "catalog.duckdb"
+
+    _, current = query_read_only(db, "select sample_id, iteration, epoch, weight from current_weights order by 1")
+    assert current == [("a", 2, 1, 0.0), ("b", 2, 1, 2.0), ("c", 2, 1, 1.0)]
+    _, dropped = query_read_only(db, "select iteration, epoch, sample_id, reason from why_dropped order by 1, 2, 3")
+    assert dropped == [(1, 0, "b", "topk: ranks 3/3"), (2, 0, "c", "topk: ranks 3/3"),
+                       (2, 1, "a", "bds: weight below threshold")]
+    _, edges = query_read_only(db, "select relation, src_kind, dst_kind, dst_rows from lineage_artifacts")
+    assert edges == [("trained_on", "train_set", "adapter", 2)]
+
+
 # --- a real Prefect server on 127.0.0.1 ---------------------------------------------------------------------
 
 @dataclass
@@ -183,7 +215,10 @@ def _scheduled_runs(server: Server, deployment_id: str, at: str) -> list[dict]:
         return server.client.post("/flow_runs/filter", json={"flow_runs": {
             "deployment_id": {"any_": [deployment_id]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
 
-    upcoming = _wait_for(scheduled, 120, "the scheduler to create the deployment's scheduled runs", interval=2)
+    try:
+        upcoming = _wait_for(scheduled, 120, "the scheduler to create the deployment's scheduled runs", interval=2)
+    except AssertionError as e:  # the scheduler's traceback, if it failed, is in the server's log
+        raise AssertionError(f"{e}\n{(server.home / 'server.log').read_text()[-3000:]}") from None
     assert all(r["expected_start_time"][11:16] == at for r in upcoming), [r["expected_start_time"] for r in upcoming]
     return upcoming
 
