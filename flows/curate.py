@@ -147,8 +147,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
         cfg.score.batch_tokens)
     catalog.record_metrics(run_id, iteration, "evaluate", metrics)
     catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
-    catalog.record_metrics(run_id, iteration, "generate", {"responses": sum(read_manifest(p)["rows"] for p in generations),
-                                                           "questions_refined": len(refined)})
+    generated = sum(read_manifest(p)["rows"] for p in generations)
+    catalog.record_metrics(run_id, iteration, "generate", {"responses": generated, "questions_refined": len(refined)})
     if not trained.get("skipped"):
         catalog.record_metrics(run_id, iteration, "train", {"final_epoch_loss": trained["epoch_losses"][-1],
                                                             "steps": trained["steps"]})
@@ -158,7 +158,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     publish_iteration(paths.catalog, run_id, iteration, report.parent)
     log.info("iteration %d: validation loss %.4f, test loss %.4f", iteration, metrics["validation_loss"],
              metrics["test_loss"])
-    return {"selected": selection["selected"], "generated": sum(read_manifest(p)["rows"] for p in generations),
+    return {"selected": selection["selected"], "generated": generated,
             "train_rows": read_manifest(train_set)["rows"], **metrics}
 
 

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 
 from storage.shards import directory_is_complete, read_shard, write_shard

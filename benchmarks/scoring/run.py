@@ -260,7 +260,6 @@ def worker_flow(args) -> dict:
     os.environ.pop("PREFECT_API_URL", None)  # always the temporary local server, as a plain `curate run`
 
     t = time.perf_counter()
-    import numpy as np
     import torch
     from prefect import flow
     from prefect.runtime import flow_run
@@ -484,13 +483,10 @@ def agreement(losses, reference) -> dict:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+    cpuinfo = Path("/proc/cpuinfo")  # Linux; elsewhere platform's (often empty) answer
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor()
 
 
 def run_worker_subprocess(variant: str, args, log_dir: Path) -> dict:
