@@ -77,11 +77,48 @@ class ScoreConfig:
 
 
 @dataclass
+class BDSConfig:
+    epochs: int = 3
+    lambda0: float = 0.5  # weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))
+    lambda_decay: float = 0.1  # lambda falls by this much each epoch: the penalty on the pool loss grows
+    weighting: typing.Literal["softmax", "sigmoid"] = "softmax"  # N softmax(z) or 2 sigmoid(z)
+    logit_optimizer: typing.Literal["sgd", "adam"] = "sgd"  # Adam's per-coordinate steps rank by recency
+    logit_lr: float = 0.1  # keep logit_lr x loss / batch_size well below 1, or weights follow visiting order
+    learning_rate: float = 2e-4  # LoRA step size (train.lora_* set the adapter's shape)
+    batch_size: int = 8  # pool samples per step, plus as many validation samples
+    max_grad_norm: float = 1.0
+    threshold: float = 0.0  # > 0: keep every sample whose weight is at least this, instead of the budget
+
+    def check(self, where: str) -> None:
+        _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
+        _require(0 <= self.lambda0 <= 1, f"{where}.lambda0", "must be in [0, 1]", self.lambda0)
+        _require(self.lambda_decay >= 0, f"{where}.lambda_decay", "must be >= 0", self.lambda_decay)
+        _require(self.logit_lr > 0, f"{where}.logit_lr", "must be > 0", self.logit_lr)
+        _require(self.learning_rate > 0, f"{where}.learning_rate", "must be > 0", self.learning_rate)
+        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
+        _require(self.threshold >= 0, f"{where}.threshold", "must be >= 0", self.threshold)
+
+
+@dataclass
+class IterITConfig:
+    epochs: int = 3  # selection rounds; before rounds 2.. the live model trains one epoch on the selection
+    decay: float = 0.1  # n-gram column decay after a pick: 0.1 general data, 0.0 domain data
+    window: int = 3  # later rounds re-score the first window x k samples of the ranking with the live model
+
+    def check(self, where: str) -> None:
+        _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
+        _require(0 <= self.decay <= 1, f"{where}.decay", "must be in [0, 1]", self.decay)
+        _require(self.window >= 1, f"{where}.window", "must be >= 1", self.window)
+
+
+@dataclass
 class SelectConfig:
-    method: typing.Literal["full", "random", "topk"] = "topk"
+    method: typing.Literal["full", "random", "topk", "bds", "iterit"] = "topk"
     metric: str = "loss"  # score used by topk
     order: typing.Literal["lowest", "highest"] = "lowest"  # topk keeps the lowest (or highest) scores
-    budget: float = 0.8  # fraction of the pool kept by random/topk
+    budget: float = 0.8  # fraction of the pool kept by random/topk/bds/iterit
+    bds: BDSConfig = field(default_factory=BDSConfig)
+    iterit: IterITConfig = field(default_factory=IterITConfig)
 
     def check(self, where: str) -> None:
         _require(0 < self.budget <= 1, f"{where}.budget", "must be in (0, 1]", self.budget)
@@ -170,6 +207,8 @@ class CurateConfig:
         computed = set(self.score.metrics) | ({"ppl"} if "loss" in self.score.metrics else set())
         if self.select.method == "topk" and self.select.metric not in computed:
             raise ConfigError(f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics")
+        if self.select.method == "iterit" and "iterit" not in computed:
+            raise ConfigError("select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

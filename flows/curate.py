@@ -17,9 +17,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_iteration
 from flows.config import CurateConfig, load_config, parse_config
 from flows.report import write_report
-from flows.stages import (diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task, plan_task,
-                          reference_task, reweight_task, score_task, select_task, strategy_task, train_set_task,
-                          train_task)
+from flows.stages import (bds_task, diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task,
+                          iterit_task, plan_task, reference_task, reweight_task, score_task, select_task,
+                          strategy_task, train_set_task, train_task)
 from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.shards import list_shards, read_manifest, read_shard
@@ -86,10 +86,30 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     s = cfg.select
     weights = paths.weights(iteration)
-    selection = select_task.with_options(task_run_name=f"select-{run_id}-it{iteration}")(
-        pool, scores, weights, s.method, s.metric, s.order, s.budget, cfg.seed + iteration)
-    _record_shards(catalog, run_id, iteration, "weights", [weights], scores, "selected_from")
-    catalog.record_weights(run_id, iteration, 0, weights)
+    history = []  # per-epoch weights of the learning selectors, in epoch order
+    if s.method == "bds":
+        out = paths.iter_dir(iteration) / "bds"
+        selection = bds_task.with_options(task_run_name=f"bds-{run_id}-it{iteration}")(
+            pool, validation, out, weights, m.name, previous, s, cfg.train, m.max_seq_len, cfg.seed + iteration)
+        history = [out / f"epoch-{e:03d}.parquet" for e in range(1, s.bds.epochs + 1)]
+        _record_shards(catalog, run_id, iteration, "weights", [weights], [*pool, *validation], "selected_from")
+        catalog.record_artifact(run_id, iteration, "bds_adapter", str(out / "adapter"),
+                                {"rows": selection["pool"], "sha256": model_fingerprint(m.name, str(out / "adapter"))},
+                                flow_run_id=str(flow_run.id))
+        catalog.record_lineage(run_id, str(weights), str(out / "adapter"), "learned_with")
+    elif s.method == "iterit":
+        out = paths.iter_dir(iteration) / "iterit"
+        selection = iterit_task.with_options(task_run_name=f"iterit-{run_id}-it{iteration}")(
+            pool, scores, out, weights, m.name, m.dtype, previous, s, cfg.train, m.max_seq_len,
+            cfg.score.batch_tokens, cfg.seed + iteration)
+        history = [out / f"round-{r:03d}.parquet" for r in range(1, s.iterit.epochs + 1)]
+        _record_shards(catalog, run_id, iteration, "weights", [weights], scores, "selected_from")
+    else:
+        selection = select_task.with_options(task_run_name=f"select-{run_id}-it{iteration}")(
+            pool, scores, weights, s.method, s.metric, s.order, s.budget, cfg.seed + iteration)
+        _record_shards(catalog, run_id, iteration, "weights", [weights], scores, "selected_from")
+    for epoch, path in enumerate(history or [weights], start=1 if history else 0):
+        catalog.record_weights(run_id, iteration, epoch, path)
     log.info("select %s: kept %d of %d pool samples", s.method, selection["selected"], selection["pool"])
 
     g = cfg.generate

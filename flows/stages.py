@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 from prefect.runtime import task_run
 
 from storage.catalog import CatalogBusyError
-from tasks import diversity, evaluate, generate, ingest, reweight, score, select, sppl, strategy, train
+from tasks import bds, diversity, evaluate, generate, ingest, iterit, reweight, score, select, sppl, strategy, train
 from tasks.models import load_tokenizer
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC}
@@ -141,3 +141,21 @@ def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_le
 def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens) -> dict:
     return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
                                      batch_tokens, producer())
+
+
+@task(name="bds", **RETRIES)
+def bds_task(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter, select_cfg,
+             train_cfg, max_seq_len, seed) -> dict:
+    """Bilevel data selection: learned per-sample weights, per-epoch history, the validation-aligned adapter."""
+    result = bds.run_bds(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter,
+                         select_cfg.bds, train_cfg, max_seq_len, select_cfg.budget, seed, producer())
+    return report(result)
+
+
+@task(name="iterit", **RETRIES)
+def iterit_task(pool_shards, score_shards, out_dir, weights_path, model_name, dtype, previous_adapter, select_cfg,
+                train_cfg, max_seq_len, batch_tokens, seed) -> dict:
+    end_of_turn = load_tokenizer(model_name).eos_token or ""
+    return report(iterit.select_iterit(pool_shards, score_shards, out_dir, weights_path, model_name, dtype,
+                                       previous_adapter, select_cfg.iterit, train_cfg, select_cfg.budget, max_seq_len,
+                                       batch_tokens, end_of_turn, seed, producer()))

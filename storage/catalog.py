@@ -12,7 +12,7 @@ Tables and views for lineage questions (`curate sql`):
 - coverage: per run, iteration and source: questions kept, responses regenerated, weight entropy, ESS
 - lineage: artifact -> artifact edges (src, dst, relation), e.g. train_set -trained_on-> adapter
 - current_weights (view): each sample's weight in the latest iteration (last epoch) of its run
-- why_dropped (view): the unselected samples with iteration, method and reason
+- why_dropped (view): the samples each iteration's final selection dropped, with method and reason
 - lineage_artifacts (view): lineage edges with the kind, iteration, rows and producing task run of both ends
 """
 from __future__ import annotations
@@ -56,7 +56,9 @@ CREATE OR REPLACE VIEW current_weights AS
     SELECT run_id, sample_id, iteration, epoch, weight, selected, reason, method FROM weight_history
     QUALIFY row_number() OVER (PARTITION BY run_id, sample_id ORDER BY iteration DESC, epoch DESC) = 1;
 CREATE OR REPLACE VIEW why_dropped AS
-    SELECT run_id, iteration, epoch, sample_id, method, reason, weight FROM weight_history WHERE NOT selected;
+    SELECT run_id, iteration, epoch, sample_id, method, reason, weight FROM weight_history w
+    WHERE NOT selected AND epoch = (SELECT max(epoch) FROM weight_history x
+                                    WHERE x.run_id = w.run_id AND x.iteration = w.iteration);
 CREATE OR REPLACE VIEW lineage_artifacts AS
     SELECT l.run_id, l.relation, l.src, s.kind AS src_kind, s.iteration AS src_iteration, s.rows AS src_rows,
            l.dst, d.kind AS dst_kind, d.iteration AS dst_iteration, d.rows AS dst_rows, d.task_run_id AS dst_task_run_id

@@ -22,6 +22,31 @@ WEIGHTS_SCHEMA = pa.schema([
 ])
 
 
+def rank_and_select(values: np.ndarray, budget: float, threshold: float, method: str, name: str, order: str,
+                    missing: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(selected, rank, reason) for values ranked best first; NaN ranks last and is never selected.
+    Keeps the best round(budget * n), or with a threshold > 0 every value at or above it."""
+    n = len(values)
+    finite = np.isfinite(values)
+    key = np.where(finite, values if order == "lowest" else -values, np.inf)
+    order_idx = np.argsort(key, kind="stable")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order_idx] = np.arange(n)
+    k = max(1, round(budget * n)) if n else 0
+    selected = finite & ((values >= threshold) if threshold > 0 else (rank < k))
+    reasons = []
+    for i in range(n):
+        if not finite[i]:
+            reasons.append(f"{method}: {missing}")
+        elif selected[i]:
+            reasons.append("")
+        elif threshold > 0:
+            reasons.append(f"{method}: {name}={values[i]:.4f} is below the threshold {threshold}")
+        else:
+            reasons.append(f"{method}: {name}={values[i]:.4f} ranks {rank[i] + 1}/{n}; keeps {order} {k}")
+    return selected, rank, reasons
+
+
 def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: Path, method: str, metric: str,
                    order: str, budget: float, seed: int, producer: str = "") -> dict:
     if shard_is_complete(out_path):
@@ -43,20 +68,10 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
         reasons = ["" if s else f"random: not drawn; keeps {k}/{n} (seed {seed})" for s in selected]
     elif method == "topk":
         scores = metric_values(score_shards, metric)
-        values = [scores.get(i, math.nan) for i in ids]
-        sign = 1.0 if order == "lowest" else -1.0
-        # unscored samples (NaN) rank last and are never selected
-        order_idx = sorted(range(n), key=lambda i: (not math.isfinite(values[i]), sign * values[i]
-                                                     if math.isfinite(values[i]) else 0.0))
-        selected = np.zeros(n, dtype=bool)
-        reasons = [""] * n
-        for rank, i in enumerate(order_idx):
-            if not math.isfinite(values[i]):
-                reasons[i] = f"topk: no {metric} score"
-            elif rank < k:
-                selected[i] = True
-            else:
-                reasons[i] = f"topk: {metric}={values[i]:.4f} ranks {rank + 1}/{n}; keeps {order} {k}"
+        values = np.array([scores.get(i, math.nan) for i in ids], dtype=np.float64)
+        selected, rank, reasons = rank_and_select(values, budget, 0.0, "topk", metric, order,
+                                                  missing=f"no {metric} score")
+        order_idx = list(np.argsort(rank))
     else:
         raise ValueError(f"select.method: unknown method {method!r}")
     rank = np.empty(n, dtype=np.int64)

@@ -35,7 +35,10 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
     columns = ["sample_id", "question_id", "source", "prompt", "response"]
     pool = pa.concat_tables([read_shard(p, columns=columns) for p in pool_shards])
     weights = read_shard(weights_path, columns=["sample_id", "weight", "selected"])
-    weight_of = dict(zip(weights["sample_id"].to_pylist(), weights["weight"].to_pylist()))
+    # BDS keeps its learned weight on dropped samples too (the weight history); membership is `selected`
+    weight_of = {s: w if keep else 0.0 for s, w, keep in zip(weights["sample_id"].to_pylist(),
+                                                            weights["weight"].to_pylist(),
+                                                            weights["selected"].to_pylist())}
     keep = [weight_of[s] > 0 and q not in refined
             for s, q in zip(pool["sample_id"].to_pylist(), pool["question_id"].to_pylist())]
     pool = pool.filter(pa.array(keep))
@@ -75,14 +78,9 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     if directory_is_complete(out_dir):
         return {"skipped": True, "adapter": str(out_dir)}
     import torch
-    from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model, tokenizer = load_model(model_name, "fp32", previous_adapter, trainable=True)
-    if previous_adapter is None:
-        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            target_modules=target_modules, task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
+    model, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules)
     table = read_shard(train_set, columns=["prompt", "response", "weight"])
     encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
     weights = table["weight"].to_pylist()
@@ -112,6 +110,26 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
             seen += len(batch)
             steps += 1
         epoch_losses.append(total / max(seen, 1))
+    save_adapter(model, out_dir, producer)
+    return {"skipped": False, "adapter": str(out_dir), "steps": steps, "examples": len(usable),
+            "epoch_losses": epoch_losses}
+
+
+def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, lora_alpha: int,
+                   lora_dropout: float, target_modules: list[str]):
+    """(model, tokenizer) with trainable LoRA weights: the previous iteration's adapter continued, or a fresh one."""
+    model, tokenizer = load_model(model_name, "fp32", previous_adapter, trainable=True)
+    if previous_adapter is None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=list(target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    return model, tokenizer
+
+
+def save_adapter(model, out_dir: Path, producer: str = "") -> None:
+    """Write the adapter so that it appears only complete: staging dir, manifest, rename."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
@@ -119,8 +137,6 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     write_directory_manifest(staging, producer)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
-    return {"skipped": False, "adapter": str(out_dir), "steps": steps, "examples": len(usable),
-            "epoch_losses": epoch_losses}
 
 
 def _sort_target_modules(config_path: Path) -> None:

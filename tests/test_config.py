@@ -39,7 +39,7 @@ def test_defaults_fill_in_and_single_source_becomes_a_list(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"select__methd": "topk"}, "select.methd: unknown field; did you mean 'method'?"),
-    ({"select__method": "best"}, "select.method: must be one of full, random, topk, got 'best'"),
+    ({"select__method": "best"}, "select.method: must be one of full, random, topk, bds, iterit, got 'best'"),
     ({"select__budget": 1.5}, "select.budget: must be in (0, 1], got 1.5"),
     ({"train__batch_size": "8"}, "train.batch_size: expected int, got str '8'"),
     ({"train__epochs": True}, "train.epochs: expected int, got bool True"),
