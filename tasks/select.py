@@ -1,6 +1,8 @@
 """Selection: a weight, a selected flag and a reason for every pool sample.
 
-Methods: `full` (direct mixing, uniform weights), `random` (the same budget, seeded) and `topk` on any score.
+Methods: `full` (direct mixing, uniform weights), `random` (the same budget, seeded) and `topk` on any score
+(IFD-type ratios at or above 1 are never kept). BDS (tasks/bds.py) and IterIT (tasks/iterit.py) write the same
+weights file.
 `rank` orders samples from most to least preferred; online refinement takes the least preferred questions.
 """
 from __future__ import annotations
@@ -69,8 +71,12 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
     elif method == "topk":
         scores = metric_values(score_shards, metric)
         values = np.array([scores.get(i, math.nan) for i in ids], dtype=np.float64)
-        selected, rank, reasons = rank_and_select(values, budget, 0.0, "topk", metric, order,
-                                                  missing=f"no {metric} score")
+        # a difficulty ratio at or above 1 means the question does not help (IFD paper): never kept
+        unhelpful = values >= 1 if metric in ("ifd", "iterit") else np.zeros(n, dtype=bool)
+        selected, rank, reasons = rank_and_select(np.where(unhelpful, math.nan, values), budget, 0.0, "topk",
+                                                  metric, order, missing=f"no {metric} score")
+        for i in np.flatnonzero(unhelpful):
+            reasons[i] = f"topk: {metric}={values[i]:.4f} >= 1: the question does not help"
         order_idx = list(np.argsort(rank))
     else:
         raise ValueError(f"select.method: unknown method {method!r}")

@@ -62,7 +62,7 @@ def pool_alpaca(benign: list[dict], to_corrupt: list[dict], spare: dict) -> list
     return rows
 
 
-def hh_harmful(src: Path, rng: random.Random) -> list[dict]:
+def hh_harmful(src: Path, rng: random.Random, count: int = N_POOL_HARMFUL) -> list[dict]:
     """Single-turn HH-RLHF dialogues whose `rejected` reply complies, in ShareGPT format."""
     rows = []
     with gzip.open(src / "hh_rlhf_harmless_test.jsonl.gz", "rt", encoding="utf-8") as f:
@@ -79,10 +79,10 @@ def hh_harmful(src: Path, rng: random.Random) -> list[dict]:
                 rows.append({"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": reply}],
                              "label": "harmful"})
     rng.shuffle(rows)
-    return rows[:N_POOL_HARMFUL]
+    return rows[:count]
 
 
-def safeinstr_refusals(src: Path, rng: random.Random) -> list[dict]:
+def safeinstr_refusals(src: Path, rng: random.Random, count: int = N_VAL_REFUSALS) -> list[dict]:
     rows, seen = [], set()
     for row in json.loads((src / "safeinstr_safety.json").read_text()):
         if row.get("input") or row["instruction"] in seen or len(row["output"]) >= MAX_OUTPUT_CHARS:
@@ -91,7 +91,7 @@ def safeinstr_refusals(src: Path, rng: random.Random) -> list[dict]:
             seen.add(row["instruction"])
             rows.append(row)
     rng.shuffle(rows)
-    return rows[:N_VAL_REFUSALS]
+    return rows[:count]
 
 
 def chat(prompt: str, response: str, label: str) -> dict:
@@ -99,10 +99,10 @@ def chat(prompt: str, response: str, label: str) -> dict:
             "label": label}
 
 
-def advbench_goals(src: Path, rng: random.Random) -> list[dict]:
+def advbench_goals(src: Path, rng: random.Random, count: int = N_HARMFUL_TEST) -> list[dict]:
     with open(src / "advbench_harmful_behaviors.csv", newline="", encoding="utf-8") as f:
         goals = sorted({row["goal"].strip() for row in csv.DictReader(f)})
-    return [{"prompt": goal} for goal in rng.sample(goals, N_HARMFUL_TEST)]
+    return [{"prompt": goal} for goal in rng.sample(goals, count)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
