@@ -163,7 +163,14 @@ class GenerateConfig:
 
 @dataclass
 class ReweightConfig:
-    method: typing.Literal["uniform"] = "uniform"
+    # BMO importance ratio pi_V / pi_gen per response (`sequence`, per-token geometric mean) or per token
+    # (`token`, clipped then averaged); `uniform` = no reweighting. pi_V is the iteration's BDS adapter, or with
+    # another selector the validation-tuned reference adapter (the one DavIR uses).
+    method: typing.Literal["uniform", "sequence", "token"] = "sequence"
+    c_max: float = 10.0  # clip of the ratio
+
+    def check(self, where: str) -> None:
+        _require(self.c_max > 0, f"{where}.c_max", "must be > 0", self.c_max)
 
 
 @dataclass
@@ -185,6 +192,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    max_new_tokens: int = 48  # greedy answer length for the refusal rate and exact match
+    batch_size: int = 16
+
+    def check(self, where: str) -> None:
+        _require(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass
 class CurateConfig:
     run_id: str
     data: DataConfig
@@ -197,6 +214,7 @@ class CurateConfig:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def check(self, where: str) -> None:
         ok = bool(self.run_id) and all(c.isalnum() or c in "-_." for c in self.run_id) and self.run_id[0] != "."
@@ -207,6 +225,11 @@ class CurateConfig:
         computed = set(self.score.metrics) | ({"ppl"} if "loss" in self.score.metrics else set())
         if self.select.method == "topk" and self.select.metric not in computed:
             raise ConfigError(f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics")
+        if (self.generate.enabled and self.reweight.method != "uniform" and self.select.method != "bds"
+                and self.score.davir_reference != "validation"):
+            raise ConfigError("reweight.method: BMO weights need a validation-aligned model; with select.method "
+                              f"{self.select.method!r} that is the reference adapter, so score.davir_reference "
+                              "must be 'validation'")
         if self.select.method == "iterit" and "iterit" not in computed:
             raise ConfigError("select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics")
 

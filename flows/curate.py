@@ -24,6 +24,7 @@ from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.shards import list_shards, read_manifest, read_shard
 from tasks.coverage import coverage_rows
+from tasks.ingest import read_prompts
 from tasks.generate import SamplingParams, refined_question_ids
 from tasks.strategy import Strategy
 from tasks.models import model_fingerprint
@@ -114,6 +115,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     g = cfg.generate
     generations, generation_weights, refine = [], [], []
+    # pi_V of the BMO weights: this iteration's BDS adapter, else the validation-tuned reference
+    aligned = str(paths.iter_dir(iteration) / "bds" / "adapter") if s.method == "bds" else reference_adapter
     if g.enabled and g.fraction > 0:
         refine = plan_task.with_options(task_run_name=f"plan-refinement-{run_id}-it{iteration}")(
             pool, weights, paths.refine_dir(iteration), g.refine, g.fraction, cfg.data.shard_rows,
@@ -137,7 +140,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
                 cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration, chosen)
             w_out = paths.generation_weights_dir(iteration) / shard.name
             reweight_task.with_options(task_run_name=f"reweight-{run_id}-it{iteration}-{shard.stem}")(
-                out, w_out, cfg.reweight.method)
+                out, w_out, cfg.reweight, m.name, m.dtype, None if chosen.model else previous, aligned,
+                m.max_seq_len, cfg.score.batch_tokens, chosen)
             generations.append(out)
             generation_weights.append(w_out)
             _record_shards(catalog, run_id, iteration, "generations", [out], [shard] + ([previous] if previous else []),
@@ -164,7 +168,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     metrics = evaluate_task.with_options(task_run_name=f"evaluate-{run_id}-it{iteration}")(
         paths.evaluation(iteration), validation, test, m.name, m.dtype, str(adapter), m.max_seq_len,
-        cfg.score.batch_tokens)
+        cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate)
     catalog.record_metrics(run_id, iteration, "evaluate", metrics)
     catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
     generated = sum(read_manifest(p)["rows"] for p in generations)
@@ -212,11 +216,12 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
     m = cfg.model
     before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
         paths.evaluation(0), list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test")),
-        m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens)
+        m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate)
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
     reference = None
-    if "davir" in cfg.score.metrics:
+    bmo_needs_reference = cfg.generate.enabled and cfg.reweight.method != "uniform" and cfg.select.method != "bds"
+    if "davir" in cfg.score.metrics or bmo_needs_reference:
         sources = list_shards(paths.split_dir("pool" if cfg.score.davir_reference == "pool" else "validation"))
         reference = str(paths.reference_adapter)
         reference_task.with_options(task_run_name=f"reference-{cfg.run_id}")(
@@ -241,11 +246,17 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
         "validation_loss_after": rounds[-1]["validation_loss"],
         "test_loss_before": before["test_loss"],
         "test_loss_after": rounds[-1]["test_loss"],
+        **({"refusal_rate_before": before["refusal_rate"], "refusal_rate_after": rounds[-1]["refusal_rate"]}
+           if "refusal_rate" in before else {}),
         "iterations": cfg.iterations,
         "catalog": str(paths.catalog),
         "run_dir": str(paths.run_dir),
         "seconds": round(time.time() - started, 1),
     }
+
+
+def _harmful_prompts(cfg: CurateConfig) -> list[str]:
+    return read_prompts(Path(cfg.data.harmful_prompts)) if cfg.data.harmful_prompts else []
 
 
 def _quarantine_counts(paths: list[str]) -> list[tuple[str, str, int]]:

@@ -119,8 +119,11 @@ def strategy_task(strategies, questions, out_path, model_name, dtype, adapter, e
 
 
 @task(name="reweight", **RETRIES)
-def reweight_task(generation_shard, out_path, method) -> dict:
-    return report(reweight.reweight_shard(generation_shard, out_path, method, producer()))
+def reweight_task(generation_shard, out_path, cfg, model_name, dtype, generator_adapter, aligned_adapter,
+                  max_seq_len, batch_tokens, strategy) -> dict:
+    return report(reweight.reweight_shard(generation_shard, out_path, cfg.method, model_name, dtype,
+                                          generator_adapter, aligned_adapter, max_seq_len, batch_tokens, cfg.c_max,
+                                          strategy.template, strategy.model, producer()))
 
 
 @task(name="train-set", **RETRIES)
@@ -138,9 +141,10 @@ def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_le
 
 
 @task(name="evaluate", **RETRIES)
-def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens) -> dict:
+def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens, harmful_prompts,
+                  cfg) -> dict:
     return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
-                                     batch_tokens, producer())
+                                     batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer())
 
 
 @task(name="bds", **RETRIES)

@@ -241,7 +241,15 @@ PARQUET_VIEWS = {
     "pool": "runs/*/pool/shard-*.parquet",
     "generations": "runs/*/iter-*/generations/shard-*.parquet",
     "train_sets": "runs/*/iter-*/train_set.parquet",
+    "generation_weights": "runs/*/iter-*/generation_weights/shard-*.parquet",
 }
+# Which responses were regenerated for a question, by which adapter (the previous iteration's; NULL = the base
+# model), with what weight; needs both Parquet views.
+REGENERATED_VIEW = """CREATE TEMP VIEW regenerated AS
+    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator,
+           prev.adapter_path AS generated_by_adapter, w.weight, w.ratio, w.method, w.reason
+    FROM generations g JOIN generation_weights w USING (run_id, response_id)
+    LEFT JOIN iterations prev ON prev.run_id = g.run_id AND prev.iteration = g.iteration - 1"""
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
@@ -257,13 +265,15 @@ def _create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
         literal = "'" + str(root / pattern).replace("'", "''") + "'"
         con.execute(f"CREATE TEMP VIEW {name} AS SELECT *, regexp_extract(filename, '/runs/([^/]+)/', 1) AS run_id"
                     f" FROM read_parquet({literal}, filename = true, union_by_name = true)")
+    if any(root.glob(PARQUET_VIEWS["generations"])) and any(root.glob(PARQUET_VIEWS["generation_weights"])):
+        con.execute(REGENERATED_VIEW)
 
 
 def query_read_only(
     path: Path, sql: str, params: list | None = None, lock_timeout: float = 30.0
 ) -> tuple[list[str], list[tuple]]:
     """Run a user's SELECT on a read-only connection confined to the catalog's root directory, with the
-    Parquet views (scores, pool, generations, train_sets) over that root."""
+    Parquet views (scores, pool, generations, generation_weights, train_sets, regenerated) over that root."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: run `curate run` first")

@@ -46,7 +46,7 @@ def is_refusal(text: str) -> bool:
 
 def refusal_answers(prompts: list[str], model_name: str, dtype: str, adapter: str | None, max_new_tokens: int,
                     batch_size: int) -> list[str]:
-    """The model's greedy answer to each prompt."""
+    """The model's greedy answer to each prompt (refusal and exact-match evaluations)."""
     from tasks.generate import SamplingParams, sample_responses
 
     model, tokenizer = load_model(model_name, dtype, adapter)
@@ -81,12 +81,46 @@ def evaluate_model(validation: list[Path], test: list[Path], model_name: str, dt
     }
 
 
+def exact_match_rows(test: list[Path]) -> tuple[list[str], list[str]]:
+    """Test rows whose reference has a checkable numeric answer: GSM8K's `#### n`."""
+    if not test:
+        return [], []
+    table = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in test])
+    rows = [(q, r) for q, r in zip(table["prompt"].to_pylist(), table["response"].to_pylist()) if "####" in r]
+    return [q for q, _ in rows], [r for _, r in rows]
+
+
 def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], model_name: str, dtype: str,
-                     adapter: str | None, max_seq_len: int, batch_tokens: int, producer: str = "") -> dict[str, float]:
-    """evaluate_model, stored as a one-row-per-metric shard so that a rerun reads instead of recomputing."""
+                     adapter: str | None, max_seq_len: int, batch_tokens: int, harmful_prompts: list[str] = (),
+                     max_new_tokens: int = 48, batch_size: int = 16, producer: str = "") -> dict[str, float]:
+    """Losses, refusal rate on `harmful_prompts` and exact match on the test rows with a `#### n` answer,
+    stored as a one-row-per-metric shard (a rerun reads it); the generated answers go beside it
+    (<name>-answers.parquet: task, prompt, answer, refused / correct)."""
     if shard_is_complete(out_path):
         table = read_shard(out_path)
         return dict(zip(table["metric"].to_pylist(), table["value"].to_pylist()))
+    from tasks.sppl import is_correct
+
     metrics = evaluate_model(validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens)
+    answers = {"task": [], "prompt": [], "answer": [], "ok": []}
+    if harmful_prompts:
+        replies = refusal_answers(list(harmful_prompts), model_name, dtype, adapter, max_new_tokens, batch_size)
+        refused = [is_refusal(a) for a in replies]
+        metrics["refusal_rate"] = float(np.mean(refused))
+        answers["task"] += ["refusal"] * len(replies)
+        answers["prompt"] += list(harmful_prompts)
+        answers["answer"] += replies
+        answers["ok"] += refused
+    questions, references = exact_match_rows(test)
+    if questions:
+        replies = refusal_answers(questions, model_name, dtype, adapter, max_new_tokens, batch_size)
+        correct = [is_correct(a, r) for a, r in zip(replies, references)]
+        metrics["exact_match"] = float(np.mean(correct))
+        answers["task"] += ["exact_match"] * len(replies)
+        answers["prompt"] += questions
+        answers["answer"] += replies
+        answers["ok"] += correct
+    if answers["task"]:
+        write_shard(pa.table(answers), out_path.with_name(out_path.stem + "-answers.parquet"), producer)
     write_shard(pa.table({"metric": list(metrics), "value": list(metrics.values())}), out_path, producer)
     return metrics

@@ -1,37 +1,117 @@
-"""Response weights for generated responses, self-normalized over the G responses of each question.
+"""Response weights for generated responses, self-normalized so that the G responses of a question sum to G.
 
-`uniform` is the no-reweighting baseline: every usable response of a question gets the same weight and the
-weights of a question sum to G. An empty generation gets weight 0 and a reason (it stays in the shard).
+`uniform`: the no-reweighting baseline, every usable response of a question weighs the same.
+`sequence` (BMO, closed-form importance ratio between the validation-aligned model pi_V and the generator):
+    r(q, y) = clip( exp( (log pi_V(y|q) - log pi_gen(y|q)) / |y| ), 0, c_max )
+`token`: the per-token ratio clipped at c_max, averaged over the response's tokens:
+    r(q, y) = mean_t min( exp(log pi_V(y_t|q, y<t) - log pi_gen(y_t|q, y<t)), c_max )
+then w(q, y) = G r(q, y) / sum_y' r(q, y'). Both models score the response tokens (plus end-of-turn) through the same
+code in the same dtype, so equal models give ratio 1; pi_gen sees the prompt it generated from (a strategy's
+template, another generator), pi_V the plain question that training uses. Another generator model (a strategy's
+`model`) works with `sequence` only: its tokens need not line up with the model's.
+An empty generation gets weight 0 and a reason (it stays in the shard).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from tasks.generate import apply_template
+from tasks.models import load_model
+from tasks.tokens import Encoded, collate, encode_pairs, length_batches
 
 GENERATION_WEIGHTS_SCHEMA = pa.schema([
     ("response_id", pa.string()), ("question_id", pa.string()), ("weight", pa.float64()),
+    ("ratio", pa.float64()), ("logp_aligned", pa.float64()), ("logp_generator", pa.float64()),
     ("reason", pa.string()), ("method", pa.string()),
 ])
 
 
-def reweight_shard(generation_shard: Path, out_path: Path, method: str, producer: str = "") -> dict:
+def token_logprobs(model, encoded: list[Encoded], pad_id: int, batch_tokens: int = 4096) -> list[np.ndarray]:
+    """log p(token) of every response token of every sample, fp32 (an empty array when nothing fits)."""
+    import torch
+
+    out = [np.zeros(0, dtype=np.float32) for _ in encoded]
+    usable = [i for i, e in enumerate(encoded) if e.response_ids]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for batch in length_batches([encoded[i].length for i in usable], batch_tokens):
+            index = [usable[j] for j in batch]
+            input_ids, attention, _ = (t.to(device) for t in collate([encoded[i] for i in index], pad_id))
+            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
+            for row, i in enumerate(index):
+                start, end = len(encoded[i].prompt_ids), encoded[i].length
+                # position t predicts token t+1: the response tokens are predicted from start-1 .. end-2
+                logp = torch.log_softmax(logits[row, start - 1: end - 1], dim=-1)
+                out[i] = logp.gather(1, input_ids[row, start:end].unsqueeze(1)).squeeze(1).cpu().numpy()
+    return out
+
+
+def importance_ratios(aligned: list[np.ndarray], generator: list[np.ndarray], method: str,
+                      c_max: float) -> np.ndarray:
+    """Per-response ratio r(q, y) from per-token log-probs under pi_V and pi_gen (NaN when no tokens)."""
+    ratios = np.full(len(aligned), math.nan)
+    for i, (v, g) in enumerate(zip(aligned, generator)):
+        n = min(len(v), len(g))  # a longer generator prompt can truncate the response earlier: common tokens
+        if n == 0:
+            continue
+        v, g = v[:n].astype(np.float64), g[:n].astype(np.float64)
+        if method == "sequence":
+            ratios[i] = min(math.exp((v.sum() - g.sum()) / n), c_max)
+        else:
+            ratios[i] = float(np.minimum(np.exp(v - g), c_max).mean())
+    return ratios
+
+
+def normalize_per_question(question_ids: list[str], raw: list[float]) -> list[float]:
+    """w = G r / sum of r over the question's G responses; a question whose ratios are all 0 gets 0s."""
+    total, size = defaultdict(float), defaultdict(int)
+    for q, r in zip(question_ids, raw):
+        total[q] += r
+        size[q] += 1
+    return [r * size[q] / total[q] if total[q] > 0 else 0.0 for q, r in zip(question_ids, raw)]
+
+
+def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_name: str = "", dtype: str = "fp32",
+                   generator_adapter: str | None = None, aligned_adapter: str | None = None, max_seq_len: int = 512,
+                   batch_tokens: int = 4096, c_max: float = 10.0, template: str = "{question}",
+                   generator_model: str = "", producer: str = "") -> dict:
+    """`generator_model`/`generator_adapter`/`template`: what generated the shard (the strategy's prompt and
+    generator); pi_V is `model_name` + `aligned_adapter` on the plain question, the prompt training uses."""
     if shard_is_complete(out_path):
         return {**read_manifest(out_path), "skipped": True}
-    if method != "uniform":
+    if method not in ("uniform", "sequence", "token"):
         raise ValueError(f"reweight.method: unknown method {method!r}")
-    table = read_shard(generation_shard, columns=["response_id", "question_id", "response"])
+    if method == "token" and generator_model and generator_model != model_name:
+        raise ValueError("reweight.method: 'token' compares token by token and needs the generator to be the model "
+                         f"itself; strategy generator {generator_model!r} differs: use 'sequence'")
+    table = read_shard(generation_shard)
     qids, responses = table["question_id"].to_pylist(), table["response"].to_pylist()
-    raw = [1.0 if r.strip() else 0.0 for r in responses]
-    total, size = defaultdict(float), defaultdict(int)
-    for q, w in zip(qids, raw):
-        total[q] += w
-        size[q] += 1
-    weights = [w * size[q] / total[q] if total[q] else 0.0 for q, w in zip(qids, raw)]
-    reasons = ["" if w else "empty_generation" for w in raw]
+    empty = [not r.strip() for r in responses]
+    n = len(qids)
+    logp_v, logp_g = np.full(n, math.nan), np.full(n, math.nan)
+    if method == "uniform":
+        ratios = np.where(empty, 0.0, 1.0)
+    else:
+        questions = table["prompt"].to_pylist()
+        generator, gen_tokenizer = load_model(generator_model or model_name, dtype, generator_adapter)
+        seen = encode_pairs(gen_tokenizer, [apply_template(template, q) for q in questions], responses, max_seq_len)
+        gen_tokens = token_logprobs(generator, seen, gen_tokenizer.pad_token_id, batch_tokens)
+        aligned, tokenizer = load_model(model_name, dtype, aligned_adapter)
+        trained = encode_pairs(tokenizer, questions, responses, max_seq_len)
+        val_tokens = token_logprobs(aligned, trained, tokenizer.pad_token_id, batch_tokens)
+        ratios = np.where(empty, 0.0, importance_ratios(val_tokens, gen_tokens, method, c_max))
+        ratios = np.nan_to_num(ratios, nan=0.0)
+        logp_v = np.array([float(v.sum()) for v in val_tokens])
+        logp_g = np.array([float(g.sum()) for g in gen_tokens])
+    weights = normalize_per_question(qids, list(ratios))
+    reasons = ["empty_generation" if e else ("" if w > 0 else "ratio_zero") for e, w in zip(empty, weights)]
     out = pa.table({"response_id": table["response_id"], "question_id": qids, "weight": weights,
-                    "reason": reasons, "method": [method] * len(qids)}, schema=GENERATION_WEIGHTS_SCHEMA)
+                    "ratio": ratios.astype(np.float64), "logp_aligned": logp_v, "logp_generator": logp_g,
+                    "reason": reasons, "method": [method] * n}, schema=GENERATION_WEIGHTS_SCHEMA)
     return {**write_shard(out, out_path, producer), "skipped": False}

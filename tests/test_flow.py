@@ -50,7 +50,8 @@ def test_catalog_records_the_run(finished_run):
         assert con.execute("select sum(rows) from quarantine").fetchone()[0] == 3
         sources = con.execute("select source, questions_total from coverage where iteration = 2 order by 1").fetchall()
         assert sources == [("alpaca", 37), ("hh", 10)]
-        assert con.execute("select count(*) from metrics where stage = 'evaluate'").fetchone()[0] == 6
+        # validation loss, test loss, refusal rate: base + 2 iterations
+        assert con.execute("select count(*) from metrics where stage = 'evaluate'").fetchone()[0] == 9
         # which adapter was trained on which responses, through lineage
         trained_on = con.execute("select src from lineage where relation = 'trained_on' and dst like '%iter-002/adapter'").fetchall()
         assert trained_on and trained_on[0][0].endswith("iter-002/train_set.parquet")
@@ -72,6 +73,16 @@ def test_parquet_views_join_scores_to_the_pool(finished_run):
     assert [r[2] for r in rows] == sorted(r[2] for r in rows)
     (generated,) = query_read_only(Path(summary["catalog"]), "select count(*) from generations")[1]
     assert generated[0] == summary["generated"]
+    # which responses were regenerated for a question, by which adapter, with what BMO weight
+    _, rows = query_read_only(Path(summary["catalog"]), """
+        select iteration, question_id, generated_by_adapter, weight, method from regenerated order by 1, 2""")
+    assert len(rows) == summary["generated"] and {r[4] for r in rows} == {"sequence"}
+    assert {r[2] for r in rows if r[0] == 1} == {None}  # iteration 1 generates with the base model
+    assert {r[2] for r in rows if r[0] == 2} == {str(Path(summary["run_dir"]) / "iter-001" / "adapter")}
+    per_question = {}
+    for iteration, question, _, weight, _ in rows:
+        per_question[iteration, question] = per_question.get((iteration, question), 0.0) + weight
+    assert all(abs(total - 2.0) < 1e-9 or total == 0.0 for total in per_question.values())  # G = 2
 
 
 def test_rerun_of_the_same_run_id_recomputes_nothing_and_adds_no_rows(finished_run):
