@@ -57,7 +57,7 @@ def test_catalog_records_the_run(finished_run):
         assert trained_on and trained_on[0][0].endswith("iter-002/train_set.parquet")
         assert con.execute("select count(*) from lineage where relation = 'continued_from'").fetchone()[0] == 1
         producers = con.execute("select count(*) from artifacts where task_run_id is null or task_run_id = ''").fetchone()[0]
-        assert producers <= 2  # only adapters (directories) lack a per-file producer
+        assert producers <= 3  # only adapters (2 iterations + the BMO reference) lack a per-file producer
     finally:
         con.close()
 

@@ -80,8 +80,8 @@ def test_lineage_views_answer_current_weight_and_why_dropped(tmp_path):
     _, current = query_read_only(db, "select sample_id, iteration, epoch, weight from current_weights order by 1")
     assert current == [("a", 2, 1, 0.0), ("b", 2, 1, 2.0), ("c", 2, 1, 1.0)]
     _, dropped = query_read_only(db, "select iteration, epoch, sample_id, reason from why_dropped order by 1, 2, 3")
-    assert dropped == [(1, 0, "b", "topk: ranks 3/3"), (2, 0, "c", "topk: ranks 3/3"),
-                       (2, 1, "a", "bds: weight below threshold")]
+    # an iteration's final selection is its last epoch: c's drop at epoch 0 of iteration 2 was superseded
+    assert dropped == [(1, 0, "b", "topk: ranks 3/3"), (2, 1, "a", "bds: weight below threshold")]
     _, edges = query_read_only(db, "select relation, src_kind, dst_kind, dst_rows from lineage_artifacts")
     assert edges == [("trained_on", "train_set", "adapter", 2)]
 

@@ -110,23 +110,27 @@ def main() -> None:
             rounds.append(entry)
             log(f"{method} round {round_}: {json.dumps(entry)}")
         results[method] = rounds
+        write_report(args.out, work, pool, results, started)  # after every weighting: a killed run keeps it
+
+
+def write_report(out: Path, work: Path, pool, results: dict, started: float) -> None:
     selection = json.loads((work / "methods" / "bds.json").read_text())
     full = json.loads((work / "methods" / "full.json").read_text())
-    base_cov = coverage(pool, work / "methods" / "bds" / "train_set.parquet")
-    full_cov = coverage(pool, work / "methods" / "full" / "train_set.parquet")
     report = {
         "benchmark": "online", "date": dt.date.today().isoformat(), "G": G, "fraction": FRACTION,
         "temperature": TEMPERATURE, "top_p": 1.0, "max_new_tokens": MAX_NEW_TOKENS, "rounds": ROUNDS,
-        "inference_dtype": DTYPE, "train": vars(cfg),
+        "inference_dtype": DTYPE, "train": vars(TrainConfig()),
         "offline_bds": {"refusal_rate": selection["refusal_rate"], "test_loss": selection["test_loss"],
-                        "validation_loss": selection["validation_loss"], "coverage": base_cov},
+                        "validation_loss": selection["validation_loss"],
+                        "coverage": coverage(pool, work / "methods" / "bds" / "train_set.parquet")},
         "direct_mixing": {"refusal_rate": full["refusal_rate"], "test_loss": full["test_loss"],
-                          "validation_loss": full["validation_loss"], "coverage": full_cov},
+                          "validation_loss": full["validation_loss"],
+                          "coverage": coverage(pool, work / "methods" / "full" / "train_set.parquet")},
         "online": results, "total_seconds": round(time.time() - started, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    log(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    log(f"wrote {out}")
 
 
 if __name__ == "__main__":
