@@ -36,6 +36,8 @@ def print_summary(summary: dict) -> None:
     print(f"  training rows       {summary['train_rows']}")
     print(f"  validation loss     {summary['validation_loss_before']:.4f} -> {summary['validation_loss_after']:.4f}")
     print(f"  test loss           {summary['test_loss_before']:.4f} -> {summary['test_loss_after']:.4f}")
+    if "refusal_rate_before" in summary:
+        print(f"  refusal rate        {summary['refusal_rate_before']:.2f} -> {summary['refusal_rate_after']:.2f}")
     print(f"  outputs             {summary['run_dir']}")
     print(f"  catalog             {summary['catalog']}")
     print(f"  try: curate sql \"select * from metrics where run_id = '{summary['run_id']}'\"")
