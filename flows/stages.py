@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
+import socket
 
-from prefect import get_run_logger, task
+from prefect import get_run_logger
 from prefect.runtime import task_run
 
+from flows.faults import task  # prefect's @task plus the CURATE_FAULTS hook (fault injection for tests)
 from storage.catalog import CatalogBusyError
 from tasks import bds, diversity, evaluate, generate, ingest, iterit, reweight, score, select, sppl, strategy, train
-from tasks.models import load_tokenizer
+from tasks.models import load_tokenizer, models_loaded
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC}
 
@@ -38,7 +41,9 @@ def producer() -> str:
 
 
 def report(result: dict) -> dict:
-    """One log line per task: what it wrote, or that a verified output let it skip."""
+    """One log line per task: what it wrote, or that a verified output let it skip. The result also says which
+    process ran the task and how many models that process has loaded so far (workers should reuse theirs)."""
+    result = {**result, "process": f"{socket.gethostname()}:{os.getpid()}", "models_loaded": models_loaded()}
     if result.get("skipped"):
         get_run_logger().info("skipped: verified output exists")
     elif "rows" in result:

@@ -2,7 +2,8 @@
 
 A shard is complete when its manifest exists and the file's row count and sha256 match it. The manifest is
 written after the data file is renamed into place, so a process killed at any point leaves either no
-visible shard, or a shard without a manifest (which counts as missing and is recomputed).
+visible shard, or a shard without a manifest (which counts as missing and is recomputed). A killed writer's
+hidden temp file is removed by the next write of the same shard.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from flows import faults
 
 MANIFEST_SUFFIX = ".manifest.json"
 
@@ -34,8 +37,34 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files of `path` whose writer process is gone (killed mid-write); returns what was removed.
+    A live writer's temp file is left alone."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2: -len(".tmp")]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_is_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -47,11 +76,19 @@ def write_shard(table: pa.Table, path: Path, producer: str = "") -> dict:
     """Write `table` to `path` atomically and then its manifest; return the manifest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    remove_stale_temps(path)
+    remove_stale_temps(manifest_path(path))
+    tmp = _temp_path(path)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except BaseException:  # a full disk or an I/O error: leave nothing behind for the retry
+        tmp.unlink(missing_ok=True)
+        raise
+    faults.kill_point("writing", path)
     os.replace(tmp, path)
+    faults.kill_point("unverified", path)
     manifest = {
         "path": path.name,
         "rows": table.num_rows,

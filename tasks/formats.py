@@ -11,7 +11,9 @@ Rows: the format is detected per row from its keys, so one file may mix formats:
     plain     {"prompt": ..., "response": ...}  or  {"question": ..., "answer": ...}
 
 Keys the format does not use (e.g. "label") are kept in `Pair.meta`. A null value counts as a missing key,
-because Parquet and Hugging Face tables fill absent columns with nulls.
+because Parquet and Hugging Face tables fill absent columns with nulls. A file that holds no rows at all is
+an error (there is nothing to quarantine, and it is almost always the wrong path), and so is a Hugging Face
+dataset whose metadata names files outside its own directory.
 """
 from __future__ import annotations
 
@@ -42,6 +44,17 @@ def _is_hf_dir(path: Path) -> bool:
     return (path / "state.json").exists() or (path / "dataset_dict.json").exists()
 
 
+def _is_bookkeeping(p: Path) -> bool:
+    # Shard manifests are JSON too, "." files are temporaries and "_" files markers (_SUCCESS.json).
+    return p.name.startswith((".", "_")) or p.name.endswith(MANIFEST_SUFFIX)
+
+
+def ignored_files(path: Path) -> list[Path]:
+    """The files of a plain data directory that ingest does not read (README.md, .csv, .txt, ...)."""
+    listing = sorted(path.iterdir()) if path.is_dir() and not _is_hf_dir(path) else []
+    return [p for p in listing if p.is_file() and p.suffix not in DATA_SUFFIXES and not _is_bookkeeping(p)]
+
+
 def source_files(path: Path) -> list[Path]:
     """What one source path reads as: the file, a Hugging Face dataset directory, or a folder's data files."""
     if not path.exists():
@@ -49,9 +62,8 @@ def source_files(path: Path) -> list[Path]:
     if path.is_dir():
         if _is_hf_dir(path):
             return [path]
-        # Shard manifests are JSON too, "." files are temporaries and "_" files markers (_SUCCESS.json).
         files = [p for p in sorted(path.iterdir()) if p.is_file() and p.suffix in DATA_SUFFIXES
-                 and not p.name.startswith((".", "_")) and not p.name.endswith(MANIFEST_SUFFIX)]
+                 and not _is_bookkeeping(p)]
         if not files:
             raise IngestError(f"{path}: directory holds no .json, .jsonl or .parquet files")
         return files
@@ -62,9 +74,18 @@ def source_files(path: Path) -> list[Path]:
 
 def iter_rows(path: Path) -> Iterator[tuple[int, object, str | None]]:
     """(row number, parsed row or RowError, the row's original text if it has one) for each row."""
-    if path.is_dir():
-        return _iter_hf(path)
-    return {".jsonl": _iter_jsonl, ".json": _iter_json, ".parquet": _iter_parquet}[path.suffix](path)
+    reader = _iter_hf if path.is_dir() else {".jsonl": _iter_jsonl, ".json": _iter_json,
+                                              ".parquet": _iter_parquet}[path.suffix]
+    return _refuse_empty(path, reader(path))
+
+
+def _refuse_empty(path: Path, rows):
+    empty = True
+    for row in rows:
+        empty = False
+        yield row
+    if empty:
+        raise IngestError(f"{path}: holds no rows (an empty file?); remove it from the config or fix the path")
 
 
 def _iter_jsonl(path: Path):
@@ -84,6 +105,8 @@ def _iter_jsonl(path: Path):
                 value = json.loads(s)
             except json.JSONDecodeError as e:
                 value = RowError("invalid_json", "", str(e))
+            except RecursionError:  # [[[[...: the parser recurses once per level
+                value = RowError("invalid_json", "", "nested too deeply to parse")
             yield line_no, value, s
 
 
@@ -97,10 +120,15 @@ def _decode(path: Path) -> str:
 
 
 def _iter_json(path: Path):
+    text = _decode(path)
+    if not text.strip():
+        raise IngestError(f"{path}: empty file; expected a JSON array of rows")
     try:
-        doc = json.loads(_decode(path))
+        doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise IngestError(f"{path}: line {e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise IngestError(f"{path}: JSON nested too deeply to parse") from None
     if isinstance(doc, dict):  # {"data": [...]}: an object holding one list of rows
         lists = [v for v in doc.values() if isinstance(v, list)]
         doc = lists[0] if len(lists) == 1 else doc
@@ -125,9 +153,30 @@ def _iter_parquet(path: Path):
         raise IngestError(f"{path}: unreadable Parquet file: {e}") from None
 
 
+def _check_hf_names(path: Path) -> None:
+    """Refuse split and data file names in a dataset's metadata that lead outside its directory:
+    `datasets` opens whatever `state.json` or `dataset_dict.json` names, `../..` included."""
+    directory = path.resolve()
+    try:
+        listing = path / "dataset_dict.json"
+        splits = json.loads(listing.read_text())["splits"] if listing.exists() else ["."]
+        names = [(listing, split) for split in splits if split != "."]
+        for split in splits:
+            state = path / split / "state.json"
+            if state.exists() and state.resolve().is_relative_to(directory):
+                files = [f["filename"] for f in json.loads(state.read_text())["_data_files"]]
+                names += [(state, name if split == "." else f"{split}/{name}") for name in files]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise IngestError(f"{path}: unreadable Hugging Face dataset metadata: {e}") from None
+    for where, name in names:
+        if not isinstance(name, str) or not (path / name).resolve().is_relative_to(directory):
+            raise IngestError(f"{where}: names {name!r}, outside the dataset directory {path}; refusing to read it")
+
+
 def _iter_hf(path: Path):
     import datasets  # heavy; only needed for Hugging Face dataset directories
 
+    _check_hf_names(path)
     try:
         ds = datasets.load_from_disk(str(path))
     except (OSError, ValueError, pa.ArrowException) as e:

@@ -3,6 +3,8 @@
 `dynamic` refines the least-preferred questions after selection (those whose offline response was rejected
 first), `fixed` a seeded random fraction. Their offline responses leave the training set; the questions stay.
 Each generated response carries `logp_gen`, the log-probability of its training tokens under the generator.
+A batch of questions that runs out of memory is retried in halves down to one question (tasks/nll.py); the
+halves draw with their own seeds, so such a run samples differently from one that never ran out.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from tqdm.auto import tqdm
 from storage.shards import read_manifest, read_shard, shard_is_complete, shard_name, write_shard
 from tasks.ingest import make_id
 from tasks.models import load_model, model_fingerprint, render_prompt
-from tasks.nll import response_nll
+from tasks.nll import response_nll, run_halving_on_oom
 from tasks.tokens import encode_pairs
 
 GENERATION_SCHEMA = pa.schema([
@@ -88,14 +90,15 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
 
     prompts = [tokenizer(render_prompt(tokenizer, apply_template(template, q)), add_special_tokens=False)["input_ids"]
                for q in questions]
-    out: list[list[str]] = []
-    for start in range(0, len(prompts), params.batch_size):
-        batch = prompts[start: start + params.batch_size]
+    out: dict[int, list[str]] = {}
+
+    def generate(index: list[int]) -> None:
+        batch = [prompts[i] for i in index]
         width = max(len(p) for p in batch)
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        torch.manual_seed(seed + start)  # each batch's draws depend only on the seed and its position
+        torch.manual_seed(seed + index[0])  # each batch's draws depend only on the seed and its position
         with torch.inference_mode():
             # temperature 0 means greedy decoding (used for the model's own exemplar answers)
             sampling = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=0) \
@@ -105,9 +108,15 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
                                        num_return_sequences=params.num_responses, pad_token_id=pad,
                                        eos_token_id=tokenizer.eos_token_id)
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
-        for q in range(len(batch)):
-            out.append([t.strip() for t in texts[q * params.num_responses: (q + 1) * params.num_responses]])
-    return out
+        for q, i in enumerate(index):
+            out[i] = [t.strip() for t in texts[q * params.num_responses: (q + 1) * params.num_responses]]
+
+    batches = [list(range(start, min(start + params.batch_size, len(prompts))))
+               for start in range(0, len(prompts), params.batch_size)]
+    run_halving_on_oom(batches, generate, lambda index: (
+        f"generating {params.num_responses} response(s) of up to {params.max_new_tokens} tokens for question "
+        f"{index[0]} ({len(prompts[index[0]])} prompt tokens)"))
+    return [out[i] for i in range(len(prompts))]
 
 
 def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,

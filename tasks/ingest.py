@@ -9,8 +9,10 @@ Output of one split, in `out_dir`:
     _SUCCESS.json                  stats + a hash of the inputs, written last: an identical rerun is skipped
 
 Every input row ends up in exactly one of the two (rows_in == rows_kept + rows_quarantined). A file that
-cannot be read as a whole (broken JSON array, truncated Parquet, missing path) stops ingest with an
-IngestError naming the file, and for JSON the line.
+cannot be read as a whole (broken JSON array, truncated Parquet, missing path, no rows at all) stops ingest
+with an IngestError naming the file, and for JSON the line; so does a validation split with no usable row,
+since everything downstream is measured against it. Files in a source directory that are not data (.csv,
+.txt, README.md) are listed in `ignored_files`, never silently dropped.
 """
 from __future__ import annotations
 
@@ -25,7 +27,8 @@ import pyarrow as pa
 
 from flows.config import SourceConfig
 from storage.shards import shard_is_complete, shard_name, write_shard
-from tasks.formats import IngestError, RowError, alpaca_prompt, iter_csv, iter_rows, source_files, text, to_pair
+from tasks.formats import (IngestError, RowError, alpaca_prompt, ignored_files, iter_csv, iter_rows, source_files,
+                           text, to_pair)
 
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question")  # read_prompts takes the first one present
 SUCCESS = "_SUCCESS.json"
@@ -47,6 +50,7 @@ class IngestStats:
     by_file: dict[str, dict] = field(default_factory=dict)  # file -> {"rows_in", "rows_kept", "rows_quarantined"}
     shards: list[str] = field(default_factory=list)  # kept rows
     quarantine: list[str] = field(default_factory=list)  # rejected rows; empty when nothing was rejected
+    ignored_files: list[str] = field(default_factory=list)  # non-data files in source directories, not read
 
 
 def normalize_text(s: str) -> str:
@@ -81,7 +85,7 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
     _clear_outputs(out_dir)
     kept = _ShardWriter(out_dir, POOL_SCHEMA, shard_rows, producer)
     rejected = _ShardWriter(out_dir / "quarantine", QUARANTINE_SCHEMA, shard_rows, producer)
-    stats = IngestStats(split)
+    stats = IngestStats(split, ignored_files=[str(p) for src in sources for p in ignored_files(Path(src.path))])
     seen: set[str] = set()  # sample ids kept so far in this split, across files
     for label, path in inputs:
         counts = stats.by_file.setdefault(str(path), {"rows_in": 0, "rows_kept": 0, "rows_quarantined": 0})
@@ -101,6 +105,9 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
     for key in ("rows_in", "rows_kept", "rows_quarantined"):
         setattr(stats, key, sum(c[key] for c in stats.by_file.values()))
     assert stats.rows_in == stats.rows_kept + stats.rows_quarantined, stats
+    if split == "validation" and stats.rows_kept == 0:
+        raise IngestError(f"validation: no usable rows in {', '.join(stats.by_file)}: {stats.rows_in} read, all "
+                          f"quarantined {stats.by_reason} (see {out_dir / 'quarantine'})")
     _write_success(out_dir, digest, stats)
     return stats
 
@@ -148,6 +155,11 @@ def _admit(value, label: str, file: str, row_no: int, max_chars: int, seen: set[
     if len(prompt) + len(response) > max_chars:
         raise RowError("too_long", f"{pair.prompt_field}+{pair.response_field}",
                        f"{len(prompt) + len(response)} characters > max_chars={max_chars}")
+    extra = {key: len(_dumps(val)) for key, val in pair.meta.items()}  # kept in `meta`, so bounded too
+    if sum(extra.values()) > max_chars:
+        largest = max(extra, key=extra.get)
+        raise RowError("too_long", largest, f"fields besides the pair hold {sum(extra.values())} characters > "
+                                            f"max_chars={max_chars}")
     if sample_id in seen:
         raise RowError("duplicate", "", sample_id)
     seen.add(sample_id)

@@ -20,6 +20,7 @@ from tasks.models import load_model
 from tasks.nll import batch_nll
 from tasks.tokens import collate, encode_pairs
 
+TRAINING_STATS = "training.json"  # steps, examples, epoch losses; kept in the adapter directory
 TRAIN_SET_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("question_id", pa.string()), ("source", pa.string()), ("prompt", pa.string()),
     ("response", pa.string()), ("weight", pa.float64()), ("origin", pa.string()),
@@ -75,8 +76,9 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
                target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
                producer: str = "") -> dict:
     """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch."""
-    if directory_is_complete(out_dir):
-        return {"skipped": True, "adapter": str(out_dir)}
+    if directory_is_complete(out_dir):  # the finished run's own figures, so a resumed run records them too
+        stats = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
+        return {"skipped": True, "adapter": str(out_dir), **(json.loads(stats.read_text()) if stats.exists() else {})}
     import torch
 
     torch.manual_seed(seed)
@@ -110,9 +112,9 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
             seen += len(batch)
             steps += 1
         epoch_losses.append(total / max(seen, 1))
-    save_adapter(model, out_dir, producer)
-    return {"skipped": False, "adapter": str(out_dir), "steps": steps, "examples": len(usable),
-            "epoch_losses": epoch_losses}
+    stats = {"steps": steps, "examples": len(usable), "epoch_losses": epoch_losses}
+    save_adapter(model, out_dir, producer, {TRAINING_STATS: stats})
+    return {"skipped": False, "adapter": str(out_dir), **stats}
 
 
 def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, lora_alpha: int,
@@ -128,11 +130,14 @@ def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, l
     return model, tokenizer
 
 
-def save_adapter(model, out_dir: Path, producer: str = "") -> None:
-    """Write the adapter so that it appears only complete: staging dir, manifest, rename."""
+def save_adapter(model, out_dir: Path, producer: str = "", extra_json: dict | None = None) -> None:
+    """Write the adapter so that it appears only complete: staging dir, manifest, rename. `extra_json` maps
+    file names to objects stored beside the weights (and covered by the manifest)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
+    for name, obj in (extra_json or {}).items():
+        (staging / name).write_text(json.dumps(obj, sort_keys=True))
     _sort_target_modules(staging / "adapter_config.json")
     write_directory_manifest(staging, producer)
     shutil.rmtree(out_dir, ignore_errors=True)

@@ -124,7 +124,7 @@ def test_lora_training_lowers_the_trained_response_loss_and_leaves_the_base_unch
     stats = _train(tiny_model_dir, tmp_path, [(*pair, 1.0)] * 4, "one", epochs=15, target_modules=all_linear)
     assert directory_is_complete(tmp_path / "one")
     assert {p.name for p in (tmp_path / "one").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
-                                                               "MANIFEST.json", "README.md"}
+                                                               "MANIFEST.json", "README.md", "training.json"}
     tuned, _ = load_model(str(tiny_model_dir), adapter=str(tmp_path / "one"))
     after, _ = response_nll(tuned, encoded, tokenizer.pad_token_id)
     assert after[0] < before[0] - 0.3, (before, after)  # labels shifted once: the pair itself got more likely
