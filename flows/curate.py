@@ -70,14 +70,15 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     if "sppl" in cfg.score.metrics or (cfg.generate.enabled and cfg.generate.strategies):
         exemplars = paths.sppl_exemplars(iteration)
         exemplars_task.with_options(task_run_name=f"sppl-exemplars-{run_id}-it{iteration}")(
-            validation, exemplars, m.name, m.dtype, previous, cfg.score, cfg.generate.batch_size)
+            validation, exemplars, m.name, m.dtype, previous, cfg.score, cfg.generate.batch_size,
+            trust_remote_code=m.trust_remote_code)
         _record_shards(catalog, run_id, iteration, "sppl_exemplars", [exemplars], validation, "answers")
     scores = []
     submitted = [(shard, paths.scores_dir(iteration) / shard.name) for shard in pool]
     # all shards at once: the task runner spreads them over its workers (threads: one after another)
     futures = [score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}").submit(
         shard, out, m.name, m.dtype, previous, m.max_seq_len, iteration, cfg.score, reference_adapter,
-        exemplars, paths.score_cache) for shard, out in submitted]
+        exemplars, paths.score_cache, trust_remote_code=m.trust_remote_code) for shard, out in submitted]
     for (shard, out), future in zip(submitted, futures):
         done = future.result()
         log.info("scored %s in process %s (models loaded there so far: %d)", shard.name, done["process"],
@@ -86,7 +87,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
         _record_shards(catalog, run_id, iteration, "scores", [out], [shard], "scored")
     if "diversity" in cfg.score.metrics:
         out = paths.scores_dir(iteration) / "diversity.parquet"
-        diversity_task.with_options(task_run_name=f"diversity-{run_id}-it{iteration}")(pool, out, m.name, iteration)
+        diversity_task.with_options(task_run_name=f"diversity-{run_id}-it{iteration}")(
+            pool, out, m.name, iteration, trust_remote_code=m.trust_remote_code)
         _record_shards(catalog, run_id, iteration, "scores", [out], pool, "scored")
         scores.append(out)
 
@@ -96,7 +98,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     if s.method == "bds":
         out = paths.iter_dir(iteration) / "bds"
         selection = bds_task.with_options(task_run_name=f"bds-{run_id}-it{iteration}")(
-            pool, validation, out, weights, m.name, previous, s, cfg.train, m.max_seq_len, cfg.seed + iteration)
+            pool, validation, out, weights, m.name, previous, s, cfg.train, m.max_seq_len, cfg.seed + iteration,
+            trust_remote_code=m.trust_remote_code)
         history = [out / f"epoch-{e:03d}.parquet" for e in range(1, s.bds.epochs + 1)]
         _record_shards(catalog, run_id, iteration, "weights", [weights], [*pool, *validation], "selected_from")
         catalog.record_artifact(run_id, iteration, "bds_adapter", str(out / "adapter"),
@@ -107,7 +110,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
         out = paths.iter_dir(iteration) / "iterit"
         selection = iterit_task.with_options(task_run_name=f"iterit-{run_id}-it{iteration}")(
             pool, scores, out, weights, m.name, m.dtype, previous, s, cfg.train, m.max_seq_len,
-            cfg.score.batch_tokens, cfg.seed + iteration)
+            cfg.score.batch_tokens, cfg.seed + iteration, trust_remote_code=m.trust_remote_code)
         history = [out / f"round-{r:03d}.parquet" for r in range(1, s.iterit.epochs + 1)]
         _record_shards(catalog, run_id, iteration, "weights", [weights], scores, "selected_from")
     else:
@@ -135,7 +138,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
             out = paths.iter_dir(iteration) / "strategy.parquet"
             chosen = strategy_task.with_options(task_run_name=f"choose-strategy-{run_id}-it{iteration}")(
                 g.strategies, list(dict.fromkeys(questions))[: g.strategy_questions], out, m.name, m.dtype,
-                previous, exemplars, cfg.score, m.max_seq_len, g.max_new_tokens, cfg.seed + iteration)
+                previous, exemplars, cfg.score, m.max_seq_len, g.max_new_tokens, cfg.seed + iteration,
+                trust_remote_code=m.trust_remote_code)
             _record_shards(catalog, run_id, iteration, "strategy", [out], [exemplars], "compared_with")
         params = SamplingParams(g.num_responses, chosen.temperature, chosen.top_p, g.max_new_tokens, g.batch_size)
         futures = []
@@ -144,11 +148,13 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
             name = f"{run_id}-it{iteration}-{shard.stem}"
             generated = generate_task.with_options(task_run_name=f"generate-{name}").submit(
                 shard, out, m.name, m.dtype, previous, params, m.max_seq_len, cfg.score.batch_tokens,
-                cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration, chosen)
+                cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration, chosen,
+                trust_remote_code=m.trust_remote_code)
             w_out = paths.generation_weights_dir(iteration) / shard.name
             reweighted = reweight_task.with_options(task_run_name=f"reweight-{name}").submit(
                 out, w_out, cfg.reweight, m.name, m.dtype, None if chosen.model else previous, aligned,
-                m.max_seq_len, cfg.score.batch_tokens, chosen, wait_for=[generated])
+                m.max_seq_len, cfg.score.batch_tokens, chosen, trust_remote_code=m.trust_remote_code,
+                wait_for=[generated])
             futures.append((shard, out, w_out, generated, reweighted))
         for shard, out, w_out, generated, reweighted in futures:
             for stage, done in (("generated", generated.result()), ("reweighted", reweighted.result())):
@@ -170,7 +176,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     adapter = paths.adapter(iteration)
     trained = train_task.with_options(task_run_name=f"train-{run_id}-it{iteration}")(
-        train_set, adapter, m.name, previous, cfg.train, m.max_seq_len, cfg.seed + iteration)
+        train_set, adapter, m.name, previous, cfg.train, m.max_seq_len, cfg.seed + iteration,
+        trust_remote_code=m.trust_remote_code)
     catalog.record_artifact(run_id, iteration, "adapter", str(adapter),
                             {"rows": read_manifest(train_set)["rows"], "sha256": model_fingerprint(m.name, str(adapter))},
                             flow_run_id=str(flow_run.id))
@@ -180,7 +187,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     metrics = evaluate_task.with_options(task_run_name=f"evaluate-{run_id}-it{iteration}")(
         paths.evaluation(iteration), validation, test, m.name, m.dtype, str(adapter), m.max_seq_len,
-        cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate)
+        cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate, trust_remote_code=m.trust_remote_code)
     catalog.record_metrics(run_id, iteration, "evaluate", metrics)
     catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
     generated = sum(read_manifest(p)["rows"] for p in generations)
@@ -238,7 +245,8 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> di
     m = cfg.model
     before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
         paths.evaluation(0), list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test")),
-        m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate)
+        m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate,
+        trust_remote_code=m.trust_remote_code)
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
     reference = None
@@ -248,7 +256,7 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> di
         reference = str(paths.reference_adapter)
         reference_task.with_options(task_run_name=f"reference-{cfg.run_id}")(
             sources, paths.reference_train_set, paths.reference_adapter, m.name, cfg.train,
-            cfg.score.reference_epochs, m.max_seq_len, cfg.seed)
+            cfg.score.reference_epochs, m.max_seq_len, cfg.seed, trust_remote_code=m.trust_remote_code)
         catalog.record_artifact(cfg.run_id, 0, "reference_adapter", reference,
                                 {"rows": read_manifest(paths.reference_train_set)["rows"],
                                  "sha256": model_fingerprint(m.name, reference)}, flow_run_id=str(flow_run.id))

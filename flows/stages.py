@@ -64,32 +64,37 @@ def ingest_task(sources, out_dir, split, max_chars, shard_rows) -> dict:
 
 @task(name="score", **RETRIES)
 def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, iteration, cfg, reference_adapter,
-               exemplars_path, cache_dir) -> dict:
+               exemplars_path, cache_dir, *, trust_remote_code: bool = False) -> dict:
     metrics = [m for m in cfg.metrics if m != "diversity"]  # diversity is pool-level: diversity_task
     return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, cfg.batch_tokens,
                                     iteration, metrics, reference_adapter, exemplars_path, cfg.sppl_k,
-                                    cache_dir if cfg.cache else None, producer()))
+                                    cache_dir if cfg.cache else None, producer(),
+                                    trust_remote_code=trust_remote_code))
 
 
 @task(name="diversity", **RETRIES)
-def diversity_task(pool_shards, out_path, model_name, iteration) -> dict:
-    end_of_turn = load_tokenizer(model_name).eos_token or ""
+def diversity_task(pool_shards, out_path, model_name, iteration, *, trust_remote_code: bool = False) -> dict:
+    end_of_turn = load_tokenizer(model_name, trust_remote_code).eos_token or ""
     return report(diversity.diversity_scores(pool_shards, out_path, end_of_turn, iteration, producer()))
 
 
 @task(name="sppl-exemplars", **RETRIES)
-def exemplars_task(validation_shards, out_path, model_name, dtype, adapter, cfg, batch_size) -> dict:
+def exemplars_task(validation_shards, out_path, model_name, dtype, adapter, cfg, batch_size, *,
+                   trust_remote_code: bool = False) -> dict:
     return report(sppl.make_exemplars(validation_shards, out_path, model_name, dtype, adapter, cfg.sppl_exemplars,
-                                      cfg.sppl_max_new_tokens, batch_size, producer()))
+                                      cfg.sppl_max_new_tokens, batch_size, producer(),
+                                      trust_remote_code=trust_remote_code))
 
 
 @task(name="reference", **RETRIES)
-def reference_task(source_shards, train_set, out_dir, model_name, cfg, epochs, max_seq_len, seed) -> dict:
+def reference_task(source_shards, train_set, out_dir, model_name, cfg, epochs, max_seq_len, seed, *,
+                   trust_remote_code: bool = False) -> dict:
     """The DavIR reference: the base model LoRA-tuned on the validation set (or the pool)."""
     train.build_uniform_set(source_shards, train_set, producer())
     return report(train.train_lora(train_set, out_dir, model_name, None, epochs, cfg.learning_rate, cfg.batch_size,
                                    cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                   cfg.max_grad_norm, max_seq_len, seed, producer()))
+                                   cfg.max_grad_norm, max_seq_len, seed, producer(),
+                                   trust_remote_code=trust_remote_code))
 
 
 @task(name="select", **RETRIES)
@@ -106,29 +111,32 @@ def plan_task(pool_shards, weights_path, out_dir, refine, fraction, shard_rows, 
 
 @task(name="generate", **RETRIES)
 def generate_task(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len, batch_tokens, seed,
-                  iteration, strategy) -> dict:
+                  iteration, strategy, *, trust_remote_code: bool = False) -> dict:
     if strategy.model:  # another generator: its own weights, no adapter of ours
         model_name, adapter = strategy.model, None
     return report(generate.generate_shard(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len,
-                                          batch_tokens, seed, iteration, producer(), strategy.template))
+                                          batch_tokens, seed, iteration, producer(), strategy.template,
+                                          trust_remote_code=trust_remote_code))
 
 
 @task(name="choose-strategy", **RETRIES)
 def strategy_task(strategies, questions, out_path, model_name, dtype, adapter, exemplars_path, cfg, max_seq_len,
-                  max_new_tokens, seed):
+                  max_new_tokens, seed, *, trust_remote_code: bool = False):
     candidates = [strategy.Strategy(s.name, s.template, s.temperature, s.top_p, s.model) for s in strategies]
     chosen = strategy.choose_strategy(candidates, questions, out_path, model_name, dtype, adapter, exemplars_path,
-                                      cfg.sppl_k, max_seq_len, max_new_tokens, cfg.batch_tokens, seed, producer())
+                                      cfg.sppl_k, max_seq_len, max_new_tokens, cfg.batch_tokens, seed, producer(),
+                                      trust_remote_code=trust_remote_code)
     get_run_logger().info("generation strategy: %s", chosen.name)
     return chosen
 
 
 @task(name="reweight", **RETRIES)
 def reweight_task(generation_shard, out_path, cfg, model_name, dtype, generator_adapter, aligned_adapter,
-                  max_seq_len, batch_tokens, strategy) -> dict:
+                  max_seq_len, batch_tokens, strategy, *, trust_remote_code: bool = False) -> dict:
     return report(reweight.reweight_shard(generation_shard, out_path, cfg.method, model_name, dtype,
                                           generator_adapter, aligned_adapter, max_seq_len, batch_tokens, cfg.c_max,
-                                          strategy.template, strategy.model, producer()))
+                                          strategy.template, strategy.model, producer(),
+                                          trust_remote_code=trust_remote_code))
 
 
 @task(name="train-set", **RETRIES)
@@ -139,32 +147,36 @@ def train_set_task(pool_shards, weights_path, refined, generation_shards, weight
 
 
 @task(name="train", **RETRIES)
-def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_len, seed) -> dict:
+def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_len, seed, *,
+               trust_remote_code: bool = False) -> dict:
     return report(train.train_lora(train_set, out_dir, model_name, previous_adapter, cfg.epochs, cfg.learning_rate,
         cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-        cfg.max_grad_norm, max_seq_len, seed, producer()))
+        cfg.max_grad_norm, max_seq_len, seed, producer(), trust_remote_code=trust_remote_code))
 
 
 @task(name="evaluate", **RETRIES)
 def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens, harmful_prompts,
-                  cfg) -> dict:
+                  cfg, *, trust_remote_code: bool = False) -> dict:
     return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
-                                     batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer())
+                                     batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer(),
+                                     trust_remote_code=trust_remote_code)
 
 
 @task(name="bds", **RETRIES)
 def bds_task(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter, select_cfg,
-             train_cfg, max_seq_len, seed) -> dict:
+             train_cfg, max_seq_len, seed, *, trust_remote_code: bool = False) -> dict:
     """Bilevel data selection: learned per-sample weights, per-epoch history, the validation-aligned adapter."""
     result = bds.run_bds(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter,
-                         select_cfg.bds, train_cfg, max_seq_len, select_cfg.budget, seed, producer())
+                         select_cfg.bds, train_cfg, max_seq_len, select_cfg.budget, seed, producer(),
+                         trust_remote_code=trust_remote_code)
     return report(result)
 
 
 @task(name="iterit", **RETRIES)
 def iterit_task(pool_shards, score_shards, out_dir, weights_path, model_name, dtype, previous_adapter, select_cfg,
-                train_cfg, max_seq_len, batch_tokens, seed) -> dict:
-    end_of_turn = load_tokenizer(model_name).eos_token or ""
+                train_cfg, max_seq_len, batch_tokens, seed, *, trust_remote_code: bool = False) -> dict:
+    end_of_turn = load_tokenizer(model_name, trust_remote_code).eos_token or ""
     return report(iterit.select_iterit(pool_shards, score_shards, out_dir, weights_path, model_name, dtype,
                                        previous_adapter, select_cfg.iterit, train_cfg, select_cfg.budget, max_seq_len,
-                                       batch_tokens, end_of_turn, seed, producer()))
+                                       batch_tokens, end_of_turn, seed, producer(),
+                                       trust_remote_code=trust_remote_code))

@@ -67,7 +67,7 @@ def epoch_path(out_dir: Path, epoch: int) -> Path:
 
 def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Path, weights_path: Path,
             model_name: str, previous_adapter: str | None, bds, lora, max_seq_len: int, budget: float,
-            seed: int, producer: str = "") -> dict:
+            seed: int, producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file."""
     adapter_dir = out_dir / "adapter"
     epochs = [epoch_path(out_dir, e) for e in range(1, bds.epochs + 1)]
@@ -77,7 +77,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
 
     torch.manual_seed(seed)
     model, tokenizer = trainable_lora(model_name, previous_adapter, lora.lora_r, lora.lora_alpha, lora.lora_dropout,
-                                      lora.target_modules)
+                                      lora.target_modules, trust_remote_code=trust_remote_code)
     params = [p for p in model.parameters() if p.requires_grad]
     rows = [read_manifest(p)["rows"] for p in pool_shards]
     offsets = np.concatenate([[0], np.cumsum(rows)]).astype(int)

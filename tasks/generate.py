@@ -121,14 +121,14 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
 
 def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
                    params: SamplingParams, max_seq_len: int, batch_tokens: int, seed: int, iteration: int,
-                   producer: str = "", template: str = "{question}") -> dict:
+                   producer: str = "", template: str = "{question}", *, trust_remote_code: bool = False) -> dict:
     """G responses for each question of a refine shard. logp_gen is the generator's log-probability of the
     response's training tokens given the prompt it actually saw (the strategy's template applied)."""
     if shard_is_complete(out_path):
         return {**read_manifest(out_path), "skipped": True}
     table = read_shard(refine_shard)
     questions = table["prompt"].to_pylist()
-    model, tokenizer = load_model(model_name, dtype, adapter)
+    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
     responses: list[list[str]] = []
     with tqdm(total=len(questions), desc=f"generate {Path(refine_shard).stem}", unit="question", leave=False) as bar:
         for start in range(0, len(questions), params.batch_size):

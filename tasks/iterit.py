@@ -72,7 +72,8 @@ def select_round(complexity: np.ndarray, order: list[int], window: int, response
 
 def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Path, weights_path: Path,
                   model_name: str, dtype: str, previous_adapter: str | None, iterit, train, budget: float,
-                  max_seq_len: int, batch_tokens: int, end_of_turn: str, seed: int, producer: str = "") -> dict:
+                  max_seq_len: int, batch_tokens: int, end_of_turn: str, seed: int, producer: str = "", *,
+                  trust_remote_code: bool = False) -> dict:
     """Rounds of IterIT; writes iterit/round-NNN.parquet per round (the weight history) and the final weights."""
     pool = pa.concat_tables([read_shard(p, columns=["sample_id", "question_id", "source", "prompt", "response"])
                              for p in pool_shards])
@@ -92,7 +93,8 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
                                   "weight": [1.0] * len(picks)}), train_set, producer)
             train_lora(train_set, live_dir, model_name, live, 1, train.learning_rate, train.batch_size,
                        train.lora_r, train.lora_alpha, train.lora_dropout, train.target_modules,
-                       train.max_grad_norm, max_seq_len, seed + round_, producer)
+                       train.max_grad_norm, max_seq_len, seed + round_, producer,
+                       trust_remote_code=trust_remote_code)
             live = str(live_dir)
         if shard_is_complete(path):  # resumed: this round's ranking and scores are on disk
             done = read_shard(path, columns=["rank", "complexity", "selected"])
@@ -104,7 +106,8 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
         if round_ > 1:
             rescore = order[:window]
             fresh = compute_scores(model_name, dtype, live, [prompts[i] for i in rescore],
-                                   [responses[i] for i in rescore], ["iterit"], max_seq_len, batch_tokens)["iterit"]
+                                   [responses[i] for i in rescore], ["iterit"], max_seq_len, batch_tokens,
+                                   trust_remote_code=trust_remote_code)["iterit"]
             complexity[rescore] = fresh
         picked, order, reasons = select_round(complexity, order, window, responses, k, iterit.decay, end_of_turn)
         selected = np.zeros(n, dtype=bool)

@@ -80,7 +80,7 @@ def normalize_per_question(question_ids: list[str], raw: list[float]) -> list[fl
 def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_name: str = "", dtype: str = "fp32",
                    generator_adapter: str | None = None, aligned_adapter: str | None = None, max_seq_len: int = 512,
                    batch_tokens: int = 4096, c_max: float = 10.0, template: str = "{question}",
-                   generator_model: str = "", producer: str = "") -> dict:
+                   generator_model: str = "", producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """`generator_model`/`generator_adapter`/`template`: what generated the shard (the strategy's prompt and
     generator); pi_V is `model_name` + `aligned_adapter` on the plain question, the prompt training uses."""
     if shard_is_complete(out_path):
@@ -99,10 +99,11 @@ def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_na
         ratios = np.where(empty, 0.0, 1.0)
     else:
         questions = table["prompt"].to_pylist()
-        generator, gen_tokenizer = load_model(generator_model or model_name, dtype, generator_adapter)
+        generator, gen_tokenizer = load_model(generator_model or model_name, dtype, generator_adapter,
+                                              trust_remote_code=trust_remote_code)
         seen = encode_pairs(gen_tokenizer, [apply_template(template, q) for q in questions], responses, max_seq_len)
         gen_tokens = token_logprobs(generator, seen, gen_tokenizer.pad_token_id, batch_tokens)
-        aligned, tokenizer = load_model(model_name, dtype, aligned_adapter)
+        aligned, tokenizer = load_model(model_name, dtype, aligned_adapter, trust_remote_code=trust_remote_code)
         trained = encode_pairs(tokenizer, questions, responses, max_seq_len)
         val_tokens = token_logprobs(aligned, trained, tokenizer.pad_token_id, batch_tokens)
         ratios = np.where(empty, 0.0, importance_ratios(val_tokens, gen_tokens, method, c_max))

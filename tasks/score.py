@@ -46,9 +46,10 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 
 def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: list[str], responses: list[str],
                    metrics: list[str], max_seq_len: int, batch_tokens: int, reference_adapter: str | None = None,
-                   exemplars: list[str] | None = None, sppl_k: int = 3, progress=None) -> dict[str, np.ndarray]:
+                   exemplars: list[str] | None = None, sppl_k: int = 3, progress=None, *,
+                   trust_remote_code: bool = False) -> dict[str, np.ndarray]:
     """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics."""
-    model, tokenizer = load_model(model_name, dtype, adapter)
+    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
     pad = tokenizer.pad_token_id
     question_ids = tokenize_texts(tokenizer, [render_prompt(tokenizer, q) for q in questions])
     response_ids = tokenize_responses(tokenizer, responses)  # once: every context scores these same tokens
@@ -70,7 +71,7 @@ def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: 
                                  pad, batch_tokens)
         out["sppl"] = np.exp(primed.astype(np.float64)).astype(np.float32)
     if "davir" in metrics:
-        reference, _ = load_model(model_name, dtype, reference_adapter)
+        reference, _ = load_model(model_name, dtype, reference_adapter, trust_remote_code=trust_remote_code)
         ref_loss, _ = response_nll(reference, encoded, pad, batch_tokens)
         out["davir"] = _ratio(loss - ref_loss, loss)
     return out
@@ -86,7 +87,7 @@ def cache_key(shard_sha256: str, fingerprints: list[str], metrics: list[str], ma
 def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
                 max_seq_len: int, batch_tokens: int, iteration: int, metrics: list[str] = ("loss",),
                 reference_adapter: str | None = None, exemplars_path: Path | None = None, sppl_k: int = 3,
-                cache_dir: Path | None = None, producer: str = "") -> dict:
+                cache_dir: Path | None = None, producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """Score one pool shard; returns its manifest (`skipped` when a verified output already existed,
     `cached` when the values came from the score cache)."""
     if shard_is_complete(out_path):
@@ -109,7 +110,8 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
     with tqdm(total=table.num_rows, desc=f"score {Path(pool_shard).stem}", unit="sample", leave=False) as bar:
         values = compute_scores(model_name, dtype, adapter, table["prompt"].to_pylist(),
                                 table["response"].to_pylist(), metrics, max_seq_len, batch_tokens,
-                                reference_adapter, exemplars, sppl_k, progress=bar)
+                                reference_adapter, exemplars, sppl_k, progress=bar,
+                                trust_remote_code=trust_remote_code)
     names = ["loss", "ppl"] + [m for m in METRICS[1:] if m in metrics]
     ids = table["sample_id"].to_pylist()
     parts = []

@@ -41,12 +41,13 @@ def is_correct(answer: str, reference: str) -> bool:
 
 
 def make_exemplars(validation_shards: list[Path], out_path: Path, model_name: str, dtype: str, adapter: str | None,
-                   count: int, max_new_tokens: int, batch_size: int, producer: str = "") -> dict:
+                   count: int, max_new_tokens: int, batch_size: int, producer: str = "", *,
+                   trust_remote_code: bool = False) -> dict:
     """The target model's own correct answers to up to `count` validation questions."""
     if shard_is_complete(out_path):
         return {**read_manifest(out_path), "skipped": True}
     table = pa.concat_tables([read_shard(p, columns=["question_id", "prompt", "response"]) for p in validation_shards])
-    model, tokenizer = load_model(model_name, dtype, adapter)
+    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
     params = SamplingParams(num_responses=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                             batch_size=batch_size)
     kept = {"question_id": [], "prompt": [], "response": []}

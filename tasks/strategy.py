@@ -31,18 +31,19 @@ class Strategy:
 
 def strategy_sppl(strategy: Strategy, questions: list[str], target: str, dtype: str, adapter: str | None,
                   exemplars: list[str], k: int, max_seq_len: int, max_new_tokens: int, batch_tokens: int,
-                  seed: int) -> tuple[np.ndarray, list[str]]:
-    generator, tokenizer = load_model(strategy.model or target, dtype, None if strategy.model else adapter)
+                  seed: int, *, trust_remote_code: bool = False) -> tuple[np.ndarray, list[str]]:
+    generator, tokenizer = load_model(strategy.model or target, dtype, None if strategy.model else adapter,
+                                      trust_remote_code=trust_remote_code)
     params = SamplingParams(1, strategy.temperature, strategy.top_p, max_new_tokens, batch_size=8)
     responses = [g[0] for g in sample_responses(generator, tokenizer, questions, params, seed, strategy.template)]
     scores = compute_scores(target, dtype, adapter, questions, responses, ["loss", "sppl"], max_seq_len,
-                            batch_tokens, exemplars=exemplars, sppl_k=k)
+                            batch_tokens, exemplars=exemplars, sppl_k=k, trust_remote_code=trust_remote_code)
     return scores["sppl"], responses
 
 
 def choose_strategy(strategies: list[Strategy], questions: list[str], out_path: Path, target: str, dtype: str,
                     adapter: str | None, exemplars_path: Path, k: int, max_seq_len: int, max_new_tokens: int,
-                    batch_tokens: int, seed: int, producer: str = "") -> Strategy:
+                    batch_tokens: int, seed: int, producer: str = "", *, trust_remote_code: bool = False) -> Strategy:
     """Score every strategy, write the comparison table, return the chosen strategy."""
     by_name = {s.name: s for s in strategies}
     if not shard_is_complete(out_path):
@@ -50,7 +51,7 @@ def choose_strategy(strategies: list[Strategy], questions: list[str], out_path: 
         rows = []
         for strategy in strategies:
             values, _ = strategy_sppl(strategy, questions, target, dtype, adapter, exemplars, k, max_seq_len,
-                                      max_new_tokens, batch_tokens, seed)
+                                      max_new_tokens, batch_tokens, seed, trust_remote_code=trust_remote_code)
             finite = values[np.isfinite(values)]
             rows.append({"strategy": strategy.name, "questions": len(questions), "scored": len(finite),
                          "mean_sppl": float(finite.mean()) if len(finite) else math.nan,

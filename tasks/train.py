@@ -74,7 +74,7 @@ def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") ->
 def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
                learning_rate: float, batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
-               producer: str = "") -> dict:
+               producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch."""
     if directory_is_complete(out_dir):  # the finished run's own figures, so a resumed run records them too
         stats = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
@@ -82,7 +82,8 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     import torch
 
     torch.manual_seed(seed)
-    model, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules)
+    model, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules,
+                                      trust_remote_code=trust_remote_code)
     table = read_shard(train_set, columns=["prompt", "response", "weight"])
     encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
     weights = table["weight"].to_pylist()
@@ -118,9 +119,10 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
 
 
 def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, lora_alpha: int,
-                   lora_dropout: float, target_modules: list[str]):
+                   lora_dropout: float, target_modules: list[str], *, trust_remote_code: bool = False):
     """(model, tokenizer) with trainable LoRA weights: the previous iteration's adapter continued, or a fresh one."""
-    model, tokenizer = load_model(model_name, "fp32", previous_adapter, trainable=True)
+    model, tokenizer = load_model(model_name, "fp32", previous_adapter, trainable=True,
+                                  trust_remote_code=trust_remote_code)
     if previous_adapter is None:
         from peft import LoraConfig, get_peft_model
 

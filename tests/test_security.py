@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from flows.faults import FaultSpecError, parse_faults
 from storage.catalog import Catalog, query_read_only
 from storage.shards import write_shard
 from tasks.generate import apply_template
-from tests.conftest import REPO
+from tests.conftest import REPO, write_tiny_run
 
 # ---------------------------------------------------------------- curate sql: read-only, inside the root
 
@@ -89,10 +90,15 @@ def test_a_root_path_with_quotes_and_sql_in_it_is_only_a_path(tmp_path):
 # ---------------------------------------------------------------- models: no remote code unless asked
 
 
-def custom_code_model(directory: Path, marker: Path) -> Path:
-    """A model directory whose config asks for its own Python code; importing that code creates `marker`."""
-    directory.mkdir()
-    (directory / "config.json").write_text(json.dumps({
+def custom_code_model(directory: Path, marker: Path, base: Path | None = None) -> Path:
+    """A model directory whose config asks for its own Python code; importing that code creates `marker`.
+    With `base` (a tiny model directory) its weights, tokenizer and sizes come along, so the model really loads."""
+    if base:
+        shutil.copytree(base, directory)
+    else:
+        directory.mkdir()
+    config = json.loads((directory / "config.json").read_text()) if base else {}
+    (directory / "config.json").write_text(json.dumps({**config,
         "model_type": "sft_curate_custom", "architectures": ["CustomModel"],
         "auto_map": {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}}))
     (directory / "custom_model.py").write_text(
@@ -117,6 +123,29 @@ def test_remote_code_never_runs_unless_trust_remote_code_is_on(tmp_path):
     assert "refused:" in done.stdout and "trust_remote_code" in done.stdout, done.stdout + done.stderr
     assert "ran before switch: False" in done.stdout
     # with the switch on the same directory's code does run: the switch, not luck, is what kept it out
+    assert marker.read_text() == "remote code ran"
+
+
+@pytest.mark.slow
+def test_a_run_loads_custom_code_only_when_its_config_turns_trust_remote_code_on(tiny_model_dir, tmp_path):
+    marker = tmp_path / "ran"
+    model_dir = custom_code_model(tmp_path / "model", marker, base=tiny_model_dir)
+    # the smallest whole run: one iteration, no generation (so no reference adapter either)
+    small = dict(iterations=1, generate={"enabled": False}, evaluate={"max_new_tokens": 2})
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
+           "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONUNBUFFERED": "1"}
+
+    def run(config: Path) -> subprocess.CompletedProcess:
+        # a process per run: the refused run must not have imported the model's code at all
+        return subprocess.run([sys.executable, "-m", "flows.cli", "run", str(config)], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    refused = run(write_tiny_run(tmp_path / "off", model_dir, run_id="off", **small))
+    # transformers' refusal: "Please pass the argument `trust_remote_code=True` to allow custom code to be run."
+    assert refused.returncode != 0 and "`trust_remote_code=True`" in refused.stderr, refused.stderr[-3000:]
+    assert not marker.exists()
+    trusted = run(write_tiny_run(tmp_path / "on", model_dir, run_id="on", model={"trust_remote_code": True}, **small))
+    assert trusted.returncode == 0, trusted.stdout[-3000:] + trusted.stderr[-3000:]
     assert marker.read_text() == "remote code ran"
 
 
