@@ -18,6 +18,8 @@ from pathlib import Path
 
 # Prefect's local server would try to send usage telemetry; these machines reach no such host.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# Its start takes ~12 s on 2 idle cores; the default 20 s limit fails runs on a busy machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 from flows.config import ConfigError  # noqa: E402
 
@@ -64,8 +66,10 @@ def run(config: str, run_id: str, root: str, wait: float = 0.0) -> dict:
     active_faults()  # a malformed CURATE_FAULTS fails now, not at the first task
     with run_lock(Path(cfg.root), cfg.run_id, wait):
         from flows.curate import curate
+        from flows.runners import prefect_api_for_workers
 
-        summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root)
+        with prefect_api_for_workers(cfg.runner):
+            summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root)
     print_summary(summary)
     return summary
 

@@ -23,6 +23,7 @@ from flows.stages import (bds_task, diversity_task, evaluate_task, exemplars_tas
                           strategy_task, train_set_task, train_task)
 from storage.catalog import Catalog
 from storage.layout import RunPaths
+from storage.runlock import run_lock
 from storage.shards import list_shards, read_manifest, read_shard
 from tasks.coverage import coverage_rows
 from tasks.ingest import read_prompts
@@ -213,15 +214,17 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
     cfg: CurateConfig = load_config(config_path, overrides)
     log = get_run_logger()
     paths = RunPaths(Path(cfg.root).resolve(), cfg.run_id)
-    catalog = Catalog(paths.catalog)
-    catalog.upsert_run(cfg.run_id, cfg.to_dict(), cfg.fingerprint(), str(paths.root), "running", str(flow_run.id))
-    log.info("run %s: storage %s", cfg.run_id, paths.run_dir)
-    try:
-        summary = _curate_run(cfg, paths, catalog, log)
-    except Exception:  # a killed process stays "running" until its rerun; a failed one says so
-        catalog.set_run_status(cfg.run_id, "failed")
-        raise
-    catalog.set_run_status(cfg.run_id, "completed")
+    with run_lock(paths.root, cfg.run_id):  # deployments and schedules too; a no-op under `curate run`
+        catalog = Catalog(paths.catalog)
+        catalog.upsert_run(cfg.run_id, cfg.to_dict(), cfg.fingerprint(), str(paths.root), "running",
+                           str(flow_run.id))
+        log.info("run %s: storage %s", cfg.run_id, paths.run_dir)
+        try:
+            summary = _curate_run(cfg, paths, catalog, log)
+        except Exception:  # a killed process stays "running" until its rerun; a failed one says so
+            catalog.set_run_status(cfg.run_id, "failed")
+            raise
+        catalog.set_run_status(cfg.run_id, "completed")
     return {**summary, "seconds": round(time.time() - started, 1)}
 
 

@@ -10,6 +10,11 @@ A local cluster is started once per run and kept for all iterations: its worker 
 each keeps the models it loaded (tasks/models.py caches two per process) for every later shard.
 Each worker gets `threads_per_worker` torch threads (default: the machine's cores / workers), so that two
 workers on one machine share its cores instead of each taking all of them.
+
+Workers report their task runs to the Prefect API of the flow. Without PREFECT_API_URL a run uses Prefect's
+temporary local server, which other processes cannot find on their own (each would start its own); so
+`prefect_api_for_workers` starts that server before the flow and hands its address to the workers. Workers on
+other machines need a server they can reach: PREFECT_API_URL of a `prefect server start --host 0.0.0.0`.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from typing import Iterator
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.config import RunnerConfig
+from flows.config import ConfigError, RunnerConfig
 
 
 def torch_threads(cfg: RunnerConfig) -> int:
@@ -30,6 +35,29 @@ def worker_env(cfg: RunnerConfig) -> dict[str, str]:
     # torch sizes its intra-op thread pool from OMP_NUM_THREADS when it is imported in the worker
     threads = str(torch_threads(cfg))
     return {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+
+
+@contextmanager
+def prefect_api_for_workers(cfg: RunnerConfig) -> Iterator[None]:
+    """Around the flow call: the Prefect API address the runner's worker processes will report to."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if cfg.kind == "threads" or PREFECT_API_URL.value():
+        yield
+        return
+    if cfg.address:
+        raise ConfigError(f"runner.address: workers of {cfg.address} need a Prefect server they can reach; start "
+                          "`prefect server start --host 0.0.0.0` and set PREFECT_API_URL=http://<host>:4200/api")
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the same instance a flow without PREFECT_API_URL would start
+    server.start()
+    try:
+        # the flow's settings travel with each task to the workers (prefect_dask/prefect_ray serialize them)
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
 
 
 @contextmanager

@@ -5,6 +5,9 @@ while a run is in progress. That alone would let two runs on one root interleave
 the same shards and score cache. The run lock closes that gap; readers never take it. It is a kernel
 `flock`: the kernel drops it when the holder exits in any way, kill -9 included, so a crashed run never
 leaves a stale lock behind. The file's contents (pid, run id, start time) are only for the error message.
+
+`curate run` takes the lock before Prefect starts (a refusal costs nothing) and the curate flow takes it again,
+which covers runs started by a deployment or a schedule; inside one process the second take is a no-op.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 LOCK_NAME = "run.lock"
+_held: set[Path] = set()  # lock files this process holds: taking one again is a no-op
 
 
 class RunLockedError(RuntimeError):
@@ -48,6 +52,9 @@ def run_lock(root: Path, run_id: str, wait: float = 0.0) -> Iterator[Path]:
     """
     path = lock_path(root)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.resolve() in _held:  # the flow inside `curate run`, which already holds it
+        yield path
+        return
     # "a": never truncate what the current holder wrote before we own the lock
     handle = open(path, "a+")
     locked = False
@@ -71,8 +78,10 @@ def run_lock(root: Path, run_id: str, wait: float = 0.0) -> Iterator[Path]:
         handle.write(json.dumps({"run_id": run_id, "pid": os.getpid(),
                                  "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}))
         handle.flush()
+        _held.add(path.resolve())
         yield path
     finally:
+        _held.discard(path.resolve())
         if locked:  # a finished run leaves an empty file: no stale name for the next refusal message
             handle.seek(0)
             handle.truncate()

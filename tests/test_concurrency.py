@@ -72,6 +72,26 @@ def test_with_wait_the_second_run_waits_for_the_first_to_end(tmp_path, capsys):
         holder.wait()
 
 
+def test_a_deployment_run_takes_the_lock_too_and_curate_run_takes_it_once(prefect_harness, tmp_path):
+    from flows.curate import curate
+
+    config = small_config(tmp_path)
+    holder = hold_run_lock(tmp_path / "root", 30)
+    try:  # a deployment or a schedule calls the flow itself, without `curate run`
+        with pytest.raises(RunLockedError, match="run 'holder'"):
+            curate(config_path=str(config))
+        assert not (tmp_path / "root" / "catalog.duckdb").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(tmp_path / "root", "second"):  # as `curate run` holds it around the flow
+        with run_lock(tmp_path / "root", "second"):  # the flow's own take is a no-op in the same process
+            assert "second" in lock_path(tmp_path / "root").read_text()
+        other = subprocess.run([sys.executable, "-c", HOLD_RUN_LOCK, str(tmp_path / "root"), "0"], cwd=REPO,
+                               capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and "RunLockedError" in other.stderr  # still held against other processes
+
+
 def test_a_killed_run_leaves_no_stale_lock(tmp_path):
     holder = hold_run_lock(tmp_path / "root", 30)
     with pytest.raises(RunLockedError):
