@@ -72,10 +72,15 @@ def shard_task_runner(cfg: RunnerConfig) -> Iterator[TaskRunner]:
         if cfg.address:
             yield DaskTaskRunner(address=cfg.address)
             return
+        import dask
         from distributed import LocalCluster
 
-        with LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                          env=worker_env(cfg)) as cluster:
+        # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap threshold: every
+        # freed activation tensor goes back to the OS and its next allocation faults its pages in again. That
+        # halved torch's scoring speed in a worker (benchmarks/scale); None unsets it.
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}), \
+                LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                             env=worker_env(cfg)) as cluster:
             yield DaskTaskRunner(address=cluster.scheduler_address)
     else:
         try:

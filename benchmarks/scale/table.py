@@ -14,13 +14,13 @@ def main(path: Path) -> None:
     print(f"{r['samples']} Alpaca rows in {r['shards']} shards ({r['tokens']:,} prompt + response tokens), `loss` "
           f"scoring, {r['model']} in {r['dtype']}, {r['cpu_cores']} CPU cores, no GPU; {r['date']}.\n")
     print("| task runner | torch threads per process | wall s | tokens/s | vs threads | processes | "
-          "models loaded per process | cluster start s | max abs loss diff vs threads |")
+          "models loaded per process | cluster start s | loss diff vs threads, max / mean |")
     print("|---|---:|---:|---:|---:|---:|---|---:|---:|")
     for x in r["results"]:
         loads = ", ".join(map(str, x["models_loaded_per_process"]))
         print(f"| {LABELS[x['runner']]} | {x['torch_threads']} | {x['wall_s']:.1f} | {x['tokens_per_s']:,.0f} | "
               f"{x['speedup_vs_threads']:.2f}x | {x['processes']} | {loads} | {x['cluster_start_s']:.1f} | "
-              f"{x['max_abs_loss_diff_vs_threads']:.2g} |")
+              f"{x['max_abs_loss_diff_vs_threads']:.2g} / {x['mean_abs_loss_diff_vs_threads']:.2g} |")
 
 
 if __name__ == "__main__":
