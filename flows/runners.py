@@ -6,8 +6,9 @@
 
 Only the iteration subflow's tasks are sent out (scoring, generation and reweighting go one task per shard);
 the flow itself, ingest and the catalog writes stay in the calling process, so DuckDB keeps one writer.
-A local cluster is started once per run and kept for all iterations: its worker processes live that long, and
-each keeps the models it loaded (tasks/models.py caches two per process) for every later shard.
+A local Dask cluster is started once per run and kept for all iterations: its worker processes live that long,
+and each keeps the models it loaded (tasks/models.py caches two per process) for every later shard. prefect-ray
+starts a local Ray instance per iteration subflow instead (its workers reload the models each iteration).
 Each worker gets `threads_per_worker` torch threads (default: the machine's cores / workers), so that two
 workers on one machine share its cores instead of each taking all of them.
 

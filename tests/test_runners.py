@@ -70,19 +70,23 @@ def test_a_run_on_two_workers_equals_the_local_run(tiny_model_dir, local_run, ki
     assert adapters(remote_dir) == adapters(local_dir)
     assert catalog_rows(data / kind) == catalog_rows(data / "local")
 
-    # both workers scored shards, none of them in the flow's process, and within an iteration a worker that
-    # scored two shards loaded its model for the first one only
+    # in each iteration both workers scored shards, none of them in the flow's process, and a worker that scored
+    # two shards loaded its model for the first one only. The local Dask cluster lives for the whole run (the
+    # same two workers in both iterations); prefect-ray starts a local Ray instance per iteration subflow.
     scored = [(shard, process, int(loads)) for shard, process, loads in LOGGED.findall(log)]
     assert len(scored) == 2 * len(list((remote_dir / "iter-001" / "scores").glob("shard-*.parquet")))
-    processes = {process for _, process, _ in scored}
-    assert len(processes) == 2 and not any(p.endswith(f":{flow_pid}") for p in processes), (flow_pid, scored)
     per_iteration = len(scored) // 2
+    workers = []
     for rows in (scored[:per_iteration], scored[per_iteration:]):
+        processes = {process for _, process, _ in rows}
+        assert len(processes) == 2 and not any(p.endswith(f":{flow_pid}") for p in processes), (flow_pid, scored)
         loads = defaultdict(set)
         for _, process, count in rows:
             loads[process].add(count)
         assert all(len(counts) == 1 for counts in loads.values()), rows
-
+        workers.append(processes)
+    if kind == "dask":
+        assert workers[0] == workers[1], scored
 
 def test_workers_on_other_machines_need_a_prefect_server_they_can_reach(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
