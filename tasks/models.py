@@ -29,11 +29,11 @@ FALLBACK_TEMPLATE = "User: {question}\nAssistant: "
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 _loaded: dict[tuple, tuple] = {}  # inference models per process (least recently used first), reused by shard tasks
-_load_count = [0]  # models loaded from disk by this process: a worker that reuses its models keeps this low
+_load_count = 0  # models loaded from disk by this process: a worker that reuses its models keeps this low
 
 
 def models_loaded() -> int:
-    return _load_count[0]
+    return _load_count
 
 
 class ModelNotAvailableError(RuntimeError):
@@ -132,7 +132,8 @@ def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, train
     from transformers import AutoModelForCausalLM
 
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    _load_count[0] += 1
+    global _load_count
+    _load_count += 1
     model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     if adapter:

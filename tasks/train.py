@@ -77,8 +77,9 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
                producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch."""
     if directory_is_complete(out_dir):  # the finished run's own figures, so a resumed run records them too
-        stats = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
-        return {"skipped": True, "adapter": str(out_dir), **(json.loads(stats.read_text()) if stats.exists() else {})}
+        stats_file = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
+        stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+        return {"skipped": True, "adapter": str(out_dir), **stats}
     import torch
 
     torch.manual_seed(seed)

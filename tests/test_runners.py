@@ -88,6 +88,7 @@ def test_a_run_on_two_workers_equals_the_local_run(tiny_model_dir, local_run, ki
     if kind == "dask":
         assert workers[0] == workers[1], scored
 
+
 def test_workers_on_other_machines_need_a_prefect_server_they_can_reach(monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
