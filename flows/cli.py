@@ -36,6 +36,7 @@ def print_summary(summary: dict) -> None:
     print(f"  selected            {summary['selected']}")
     print(f"  generated responses {summary['generated']}")
     print(f"  training rows       {summary['train_rows']}")
+    print(f"  score shards        {summary['shards_computed']} computed, {summary['shards_reused']} reused")
     print(f"  validation loss     {summary['validation_loss_before']:.4f} -> {summary['validation_loss_after']:.4f}")
     print(f"  test loss           {summary['test_loss_before']:.4f} -> {summary['test_loss_after']:.4f}")
     if "refusal_rate_before" in summary:

@@ -74,7 +74,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
             validation, exemplars, m.name, m.dtype, previous, cfg.score, cfg.generate.batch_size,
             trust_remote_code=m.trust_remote_code)
         _record_shards(catalog, run_id, iteration, "sppl_exemplars", [exemplars], validation, "answers")
-    scores = []
+    scores, reused = [], 0
     submitted = [(shard, paths.scores_dir(iteration) / shard.name) for shard in pool]
     # all shards at once: the task runner spreads them over its workers (threads: one after another)
     futures = [score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}").submit(
@@ -85,6 +85,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
         log.info("scored %s in process %s (models loaded there so far: %d)", shard.name, done["process"],
                  done["models_loaded"])
         scores.append(out)
+        reused += bool(done["skipped"] or done.get("cached"))  # this run's own output, or another run's cache entry
         _record_shards(catalog, run_id, iteration, "scores", [out], [shard], "scored")
     if "diversity" in cfg.score.metrics:
         out = paths.scores_dir(iteration) / "diversity.parquet"
@@ -202,7 +203,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     publish_iteration(paths.catalog, run_id, iteration, report.parent)
     log.info("iteration %d: validation loss %.4f, test loss %.4f", iteration, metrics["validation_loss"],
              metrics["test_loss"])
-    return {"selected": selection["selected"], "generated": generated,
+    return {"selected": selection["selected"], "generated": generated, "shards_reused": reused,
+            "shards_computed": len(pool) - reused,
             "train_rows": read_manifest(train_set)["rows"], **metrics}
 
 
@@ -276,6 +278,9 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> di
         "selected": rounds[-1]["selected"],
         "generated": sum(r["generated"] for r in rounds),
         "train_rows": rounds[-1]["train_rows"],
+        # score shards over all iterations: reused (an output still current, or the score cache) or computed
+        "shards_computed": sum(r["shards_computed"] for r in rounds),
+        "shards_reused": sum(r["shards_reused"] for r in rounds),
         "validation_loss_before": before["validation_loss"],
         "validation_loss_after": rounds[-1]["validation_loss"],
         "test_loss_before": before["test_loss"],

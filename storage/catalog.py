@@ -192,8 +192,11 @@ class Catalog:
             con.execute("INSERT OR REPLACE INTO lineage VALUES (?, ?, ?, ?)", [run_id, str(src), str(dst), relation])
 
     def record_weights(self, run_id: str, iteration: int, epoch: int, weights_path: Path) -> int:
-        """Copy a weights Parquet (sample_id, weight, selected, reason, method) into weight_history."""
+        """Copy a weights Parquet (sample_id, weight, selected, reason, method) into weight_history, replacing
+        that iteration and epoch whole: recomputed weights over a changed pool leave no row of a gone sample."""
         with self._write() as con:
+            con.execute("DELETE FROM weight_history WHERE run_id = ? AND iteration = ? AND epoch = ?",
+                        [run_id, iteration, epoch])
             (rows,) = con.execute(
                 """INSERT OR REPLACE INTO weight_history
                 SELECT ?, ?, ?, sample_id, weight, selected, reason, method FROM read_parquet(?)""",
@@ -209,10 +212,10 @@ class Catalog:
              r["weight_entropy"], r["effective_sample_size"]]
             for r in rows
         ]
-        if not values:
-            return
-        with self._write() as con:
-            con.executemany("INSERT OR REPLACE INTO coverage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
+        with self._write() as con:  # the iteration's rows whole: a source that is gone leaves no row
+            con.execute("DELETE FROM coverage WHERE run_id = ? AND iteration = ?", [run_id, iteration])
+            if values:
+                con.executemany("INSERT OR REPLACE INTO coverage VALUES (?, ?, ?, ?, ?, ?, ?, ?)", values)
 
     def record_metrics(self, run_id: str, iteration: int, stage: str, metrics: dict[str, float]) -> None:
         values = [[run_id, iteration, stage, name, float(value)] for name, value in metrics.items()]
@@ -224,10 +227,10 @@ class Catalog:
     def record_quarantine(self, run_id: str, split: str, counts: list[dict]) -> None:
         """counts: dicts with file, reason, rows (how many rows of that file were quarantined for that reason)."""
         values = [[run_id, split, str(c["file"]), c["reason"], c["rows"]] for c in counts]
-        if not values:
-            return
-        with self._write() as con:
-            con.executemany("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?, ?, ?)", values)
+        with self._write() as con:  # the split's counts whole, as the re-ingested split has them
+            con.execute("DELETE FROM quarantine WHERE run_id = ? AND split = ?", [run_id, split])
+            if values:
+                con.executemany("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?, ?, ?)", values)
 
     def row_counts(self) -> dict[str, int]:
         with _open(self.path, True, self.lock_timeout) as con:

@@ -72,8 +72,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_shard(table: pa.Table, path: Path, producer: str = "") -> dict:
-    """Write `table` to `path` atomically and then its manifest; return the manifest."""
+def write_shard(table: pa.Table, path: Path, producer: str = "", inputs: dict | None = None) -> dict:
+    """Write `table` to `path` atomically and then its manifest; return the manifest. `inputs`: what the shard
+    was computed from (storage/inputs.py), kept in the manifest so a later run can tell whether it still is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
@@ -95,6 +96,7 @@ def write_shard(table: pa.Table, path: Path, producer: str = "") -> dict:
         "sha256": sha256_file(path),
         "producer": producer,
         "created_at": time.time(),
+        **({"inputs": inputs} if inputs is not None else {}),
     }
     _write_atomic(manifest_path(path), json.dumps(manifest, indent=1).encode())
     return manifest
@@ -131,24 +133,31 @@ def list_shards(directory: Path) -> list[Path]:
     return [p for p in sorted(directory.glob("shard-*.parquet")) if shard_is_complete(p)]
 
 
-def write_directory_manifest(directory: Path, producer: str = "") -> dict:
-    """Manifest for a directory output (an adapter): sha256 of every file, written last."""
+def write_directory_manifest(directory: Path, producer: str = "", inputs: dict | None = None) -> dict:
+    """Manifest for a directory output (an adapter): sha256 of every file, written last; `inputs` as in
+    write_shard."""
     directory = Path(directory)
     files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != "MANIFEST.json"}
-    manifest = {"files": files, "producer": producer, "created_at": time.time()}
+    manifest = {"files": files, "producer": producer, "created_at": time.time(),
+                **({"inputs": inputs} if inputs is not None else {})}
     _write_atomic(directory / "MANIFEST.json", json.dumps(manifest, indent=1).encode())
     return manifest
 
 
+def read_directory_manifest(directory: Path) -> dict | None:
+    try:
+        manifest = json.loads((Path(directory) / "MANIFEST.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return manifest if isinstance(manifest, dict) and "files" in manifest else None
+
+
 def directory_is_complete(directory: Path) -> bool:
     directory = Path(directory)
-    mpath = directory / "MANIFEST.json"
-    if not mpath.exists():
+    manifest = read_directory_manifest(directory)
+    if manifest is None:
         return False
-    try:
-        files = json.loads(mpath.read_text())["files"]
-    except (json.JSONDecodeError, KeyError):
-        return False
+    files = manifest["files"]
     return all((directory / name).exists() and sha256_file(directory / name) == digest for name, digest in files.items())
 
 

@@ -24,8 +24,9 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from storage.shards import (directory_is_complete, read_manifest, read_shard, shard_is_complete,
-                            write_directory_manifest, write_shard)
+from storage.inputs import describe_inputs, is_current, plain_settings
+from storage.shards import read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
+from tasks.models import model_fingerprint
 from tasks.nll import batch_nll
 from tasks.select import WEIGHTS_SCHEMA, rank_and_select
 from tasks.tokens import collate, encode_pairs
@@ -71,7 +72,14 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file."""
     adapter_dir = out_dir / "adapter"
     epochs = [epoch_path(out_dir, e) for e in range(1, bds.epochs + 1)]
-    if shard_is_complete(weights_path) and directory_is_complete(adapter_dir) and all(map(shard_is_complete, epochs)):
+    # the checkpoint leaves the epoch count out: a run with more epochs continues from it
+    checkpoint_inputs = describe_inputs([*pool_shards, *validation_shards],
+                                        [model_fingerprint(model_name, previous_adapter)],
+                                        bds={**plain_settings(bds), "epochs": None},
+                                        lora=[lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules],
+                                        max_seq_len=max_seq_len, budget=budget, seed=seed)
+    inputs = {**checkpoint_inputs, "settings": {**checkpoint_inputs["settings"], "epochs": bds.epochs}}
+    if is_current(weights_path, inputs) and is_current(adapter_dir, inputs) and all(map(shard_is_complete, epochs)):
         return {**read_manifest(weights_path), "skipped": True, **_selected_counts(weights_path)}
     import torch
 
@@ -93,7 +101,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
         raise ValueError("select.bds: the validation split has no response that fits model.max_seq_len")
     checkpoint = out_dir / "checkpoint"
     start = 0
-    if directory_is_complete(checkpoint):  # resume after the last finished epoch
+    if is_current(checkpoint, checkpoint_inputs):  # resume after the last finished epoch
         state = torch.load(checkpoint / "state.pt", weights_only=True)
         start = state["epoch"]
         logits.data.copy_(state["logits"])
@@ -147,15 +155,17 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
         mean_loss = np.where(loss_count > 0, loss_sum / np.maximum(loss_count, 1), np.nan)
         # the epoch's weights first: a kill before the checkpoint repeats the epoch and rewrites the same file
         _write_weights(pool_shards, weights, fits, mean_loss, epoch + 1, bds, budget, epochs[epoch], producer)
-        _save_checkpoint(checkpoint, model, logits, model_optimizer, logit_optimizer, epoch + 1, producer)
-    save_adapter(model, adapter_dir, producer)
-    write_shard(read_shard(epochs[-1]), weights_path, producer)
+        _save_checkpoint(checkpoint, model, logits, model_optimizer, logit_optimizer, epoch + 1, producer,
+                         checkpoint_inputs)
+    save_adapter(model, adapter_dir, producer, inputs=inputs)
+    write_shard(read_shard(epochs[-1]), weights_path, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {**read_manifest(weights_path), "skipped": False, **_selected_counts(weights_path),
             "adapter": str(adapter_dir)}
 
 
-def _save_checkpoint(checkpoint: Path, model, logits, model_optimizer, logit_optimizer, epoch: int, producer: str):
+def _save_checkpoint(checkpoint: Path, model, logits, model_optimizer, logit_optimizer, epoch: int, producer: str,
+                     inputs: dict):
     import torch
 
     staging = checkpoint.with_name(checkpoint.name + ".tmp")
@@ -164,7 +174,7 @@ def _save_checkpoint(checkpoint: Path, model, logits, model_optimizer, logit_opt
     model.save_pretrained(staging / "adapter")
     torch.save({"epoch": epoch, "logits": logits.detach().clone(), "model_optimizer": model_optimizer.state_dict(),
                 "logit_optimizer": logit_optimizer.state_dict()}, staging / "state.pt")
-    write_directory_manifest(staging, producer)
+    write_directory_manifest(staging, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
     staging.rename(checkpoint)
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from storage.inputs import describe_inputs, is_current
+from storage.shards import read_manifest, read_shard, write_shard
 
 TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
@@ -40,7 +41,8 @@ def tfidf_rows(texts: list[str], n_max: int = 3) -> list[dict[str, float]]:
 def diversity_scores(pool_shards: list[Path], out_path: Path, end_of_turn: str, iteration: int,
                      producer: str = "") -> dict:
     """Write metric `diversity` for every pool sample (long format, like the score shards)."""
-    if shard_is_complete(out_path):
+    inputs = describe_inputs(pool_shards, end_of_turn=end_of_turn, iteration=iteration)
+    if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     pool = pa.concat_tables([read_shard(p, columns=["sample_id", "response"]) for p in pool_shards])
     rows = tfidf_rows([r + end_of_turn for r in pool["response"].to_pylist()])
@@ -52,4 +54,4 @@ def diversity_scores(pool_shards: list[Path], out_path: Path, end_of_turn: str, 
         "n_tokens": pa.array([0] * n, pa.int64()), "truncated": [False] * n,
         "reason": ["" if r else "no_words" for r in rows],
     })
-    return {**write_shard(table, out_path, producer), "skipped": False}
+    return {**write_shard(table, out_path, producer, inputs), "skipped": False}

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.shards import read_shard, shard_is_complete, write_shard
-from tasks.models import load_model
+from storage.inputs import describe_inputs, is_current, texts_digest
+from storage.shards import read_shard, write_shard
+from tasks.models import load_model, model_fingerprint
 from tasks.nll import response_nll
 from tasks.tokens import encode_pairs
 
@@ -99,7 +100,11 @@ def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], m
     """Losses, refusal rate on `harmful_prompts` and exact match on the test rows with a `#### n` answer,
     stored as a one-row-per-metric shard (a rerun reads it); the generated answers go beside it
     (<name>-answers.parquet: task, prompt, answer, refused / correct)."""
-    if shard_is_complete(out_path):
+    inputs = describe_inputs([*validation, *test], [model_fingerprint(model_name, adapter)], dtype=dtype,
+                             max_seq_len=max_seq_len, batch_tokens=batch_tokens,
+                             harmful_prompts=texts_digest(harmful_prompts), max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+    if is_current(out_path, inputs):
         table = read_shard(out_path)
         return dict(zip(table["metric"].to_pylist(), table["value"].to_pylist()))
     from tasks.sppl import is_correct
@@ -127,6 +132,6 @@ def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], m
         answers["answer"] += replies
         answers["ok"] += correct
     if answers["task"]:
-        write_shard(pa.table(answers), out_path.with_name(out_path.stem + "-answers.parquet"), producer)
-    write_shard(pa.table({"metric": list(metrics), "value": list(metrics.values())}), out_path, producer)
+        write_shard(pa.table(answers), out_path.with_name(out_path.stem + "-answers.parquet"), producer, inputs)
+    write_shard(pa.table({"metric": list(metrics), "value": list(metrics.values())}), out_path, producer, inputs)
     return metrics

@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from storage.shards import read_manifest, read_shard, shard_is_complete, shard_name, write_shard
+from storage.inputs import describe_inputs, is_current
+from storage.shards import manifest_path, read_manifest, read_shard, shard_name, write_shard
 from tasks.ingest import make_id
 from tasks.models import load_model, model_fingerprint, render_prompt
 from tasks.nll import response_nll, run_halving_on_oom
@@ -41,9 +42,16 @@ class SamplingParams:
 def plan_refinement(pool_shards: list[Path], weights_path: Path, out_dir: Path, refine: str, fraction: float,
                     shard_rows: int, seed: int, producer: str = "") -> list[Path]:
     """Write the questions to refine (question_id, prompt, source) as shards; one generation task per shard."""
+    inputs = describe_inputs([*pool_shards, weights_path], refine=refine, fraction=fraction, shard_rows=shard_rows,
+                             seed=seed)
     existing = sorted(out_dir.glob("shard-*.parquet"))
-    if existing and all(shard_is_complete(p) for p in existing) and (out_dir / "_PLANNED").exists():
+    if existing and all(is_current(p, inputs) for p in existing) and (out_dir / "_PLANNED").exists():
         return existing
+    # a new plan replaces the old one whole: a plan with fewer shards must not leave an old shard behind
+    (out_dir / "_PLANNED").unlink(missing_ok=True)
+    for path in existing:
+        manifest_path(path).unlink(missing_ok=True)
+        path.unlink()
     pool = pa.concat_tables([read_shard(p, columns=["question_id", "prompt", "source"]) for p in pool_shards])
     weights = read_shard(weights_path, columns=["question_id", "weight", "rank"])
     # a question's standing is that of its best response: refine it only if none of its responses is kept
@@ -67,7 +75,7 @@ def plan_refinement(pool_shards: list[Path], weights_path: Path, out_dir: Path, 
         part = rows[start: start + shard_rows]
         table = pa.table({"question_id": [q for q, _ in part], "prompt": [p for _, (p, _) in part],
                           "source": [s for _, (_, s) in part]})
-        write_shard(table, out_dir / shard_name(index), producer)
+        write_shard(table, out_dir / shard_name(index), producer, inputs)
         paths.append(out_dir / shard_name(index))
     (out_dir / "_PLANNED").write_text(str(len(rows)))
     return paths
@@ -124,7 +132,10 @@ def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: s
                    producer: str = "", template: str = "{question}", *, trust_remote_code: bool = False) -> dict:
     """G responses for each question of a refine shard. logp_gen is the generator's log-probability of the
     response's training tokens given the prompt it actually saw (the strategy's template applied)."""
-    if shard_is_complete(out_path):
+    fingerprint = model_fingerprint(model_name, adapter)
+    inputs = describe_inputs([refine_shard], [fingerprint], dtype=dtype, params=params, max_seq_len=max_seq_len,
+                             batch_tokens=batch_tokens, seed=seed, iteration=iteration, template=template)
+    if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     table = read_shard(refine_shard)
     questions = table["prompt"].to_pylist()
@@ -140,7 +151,6 @@ def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: s
     encoded = encode_pairs(tokenizer, [apply_template(template, questions[i]) for i in flat_q], flat_r, max_seq_len)
     losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
     qids, sources = table["question_id"].to_pylist(), table["source"].to_pylist()
-    fingerprint = model_fingerprint(model_name, adapter)
     out = pa.table({
         "question_id": [qids[i] for i in flat_q],
         "response_id": [make_id(qids[i], r, str(k % params.num_responses)) for k, (i, r) in enumerate(zip(flat_q, flat_r))],
@@ -150,4 +160,4 @@ def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: s
         "generator": [fingerprint] * len(flat_r), "iteration": [iteration] * len(flat_r),
         "seed": [seed] * len(flat_r),
     }, schema=GENERATION_SCHEMA)
-    return {**write_shard(out, out_path, producer), "skipped": False}
+    return {**write_shard(out, out_path, producer, inputs), "skipped": False}

@@ -19,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from storage.inputs import describe_inputs, is_current, plain_settings
+from storage.shards import read_manifest, read_shard, write_shard
 from tasks.diversity import tfidf_rows
+from tasks.models import model_fingerprint
 from tasks.score import compute_scores, metric_values
 from tasks.select import WEIGHTS_SCHEMA
 from tasks.train import train_lora
@@ -75,6 +77,13 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
                   max_seq_len: int, batch_tokens: int, end_of_turn: str, seed: int, producer: str = "", *,
                   trust_remote_code: bool = False) -> dict:
     """Rounds of IterIT; writes iterit/round-NNN.parquet per round (the weight history) and the final weights."""
+    # a round's file is reused (a resumed run) only if computed from these same inputs; the round count is left
+    # out, since round r does not depend on how many rounds follow it
+    round_inputs = describe_inputs([*pool_shards, *score_shards], [model_fingerprint(model_name, previous_adapter)],
+                                   dtype=dtype, iterit={**plain_settings(iterit), "epochs": None}, train=train,
+                                   budget=budget, max_seq_len=max_seq_len, batch_tokens=batch_tokens,
+                                   end_of_turn=end_of_turn, seed=seed)
+    inputs = {**round_inputs, "settings": {**round_inputs["settings"], "rounds": iterit.epochs}}
     pool = pa.concat_tables([read_shard(p, columns=["sample_id", "question_id", "source", "prompt", "response"])
                              for p in pool_shards])
     n = pool.num_rows
@@ -96,7 +105,7 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
                        train.max_grad_norm, max_seq_len, seed + round_, producer,
                        trust_remote_code=trust_remote_code)
             live = str(live_dir)
-        if shard_is_complete(path):  # resumed: this round's ranking and scores are on disk
+        if is_current(path, round_inputs):  # resumed: this round's ranking and scores are on disk
             done = read_shard(path, columns=["rank", "complexity", "selected"])
             complexity = done["complexity"].to_numpy(zero_copy_only=False).astype(np.float64)
             order = list(np.argsort(done["rank"].to_numpy()))
@@ -120,8 +129,8 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
             "method": ["iterit"] * n, "rank": rank,
         }, schema=WEIGHTS_SCHEMA)
         table = table.append_column("complexity", pa.array(complexity, pa.float64()))
-        write_shard(table.append_column("round", pa.array([round_] * n, pa.int32())), path, producer)
-    if not shard_is_complete(weights_path):
-        write_shard(read_shard(out_dir / f"round-{iterit.epochs:03d}.parquet"), weights_path, producer)
+        write_shard(table.append_column("round", pa.array([round_] * n, pa.int32())), path, producer, round_inputs)
+    if not is_current(weights_path, inputs):
+        write_shard(read_shard(out_dir / f"round-{iterit.epochs:03d}.parquet"), weights_path, producer, inputs)
     return {**read_manifest(weights_path), "selected": int(read_shard(weights_path, columns=["selected"])[
         "selected"].to_numpy(zero_copy_only=False).sum()), "pool": n}

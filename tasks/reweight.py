@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from storage.inputs import describe_inputs, is_current
+from storage.shards import read_manifest, read_shard, write_shard
 from tasks.generate import apply_template
-from tasks.models import load_model
+from tasks.models import load_model, model_fingerprint
 from tasks.tokens import Encoded, collate, encode_pairs, length_batches
 
 GENERATION_WEIGHTS_SCHEMA = pa.schema([
@@ -83,7 +84,11 @@ def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_na
                    generator_model: str = "", producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """`generator_model`/`generator_adapter`/`template`: what generated the shard (the strategy's prompt and
     generator); pi_V is `model_name` + `aligned_adapter` on the plain question, the prompt training uses."""
-    if shard_is_complete(out_path):
+    models = [] if method == "uniform" else [model_fingerprint(generator_model or model_name, generator_adapter),
+                                             model_fingerprint(model_name, aligned_adapter)]
+    inputs = describe_inputs([generation_shard], models, method=method, dtype=dtype, max_seq_len=max_seq_len,
+                             batch_tokens=batch_tokens, c_max=c_max, template=template)
+    if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     if method not in ("uniform", "sequence", "token"):
         raise ValueError(f"reweight.method: unknown method {method!r}")
@@ -115,4 +120,4 @@ def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_na
     out = pa.table({"response_id": table["response_id"], "question_id": qids, "weight": weights,
                     "ratio": ratios.astype(np.float64), "logp_aligned": logp_v, "logp_generator": logp_g,
                     "reason": reasons, "method": [method] * n}, schema=GENERATION_WEIGHTS_SCHEMA)
-    return {**write_shard(out, out_path, producer), "skipped": False}
+    return {**write_shard(out, out_path, producer, inputs), "skipped": False}

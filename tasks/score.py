@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
 from tasks.models import load_model, model_fingerprint, render_prompt
 from tasks.nll import response_nll
@@ -90,12 +91,16 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
                 cache_dir: Path | None = None, producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """Score one pool shard; returns its manifest (`skipped` when a verified output already existed,
     `cached` when the values came from the score cache)."""
-    if shard_is_complete(out_path):
-        return {**read_manifest(out_path), "skipped": True}
     metrics = list(metrics)
     fingerprint = model_fingerprint(model_name, adapter)
     fingerprints = [fingerprint] + ([model_fingerprint(model_name, reference_adapter)] if "davir" in metrics else [])
-    exemplars = read_shard(exemplars_path)["response"].to_pylist() if "sppl" in metrics and exemplars_path else []
+    uses_exemplars = "sppl" in metrics and exemplars_path is not None
+    inputs = describe_inputs([pool_shard] + ([exemplars_path] if uses_exemplars else []), fingerprints,
+                             metrics=metrics, max_seq_len=max_seq_len, dtype=dtype, sppl_k=sppl_k,
+                             iteration=iteration, version=SCORER_VERSION)  # batch_tokens: speed, not values
+    if is_current(out_path, inputs):
+        return {**read_manifest(out_path), "skipped": True}
+    exemplars = read_shard(exemplars_path)["response"].to_pylist() if uses_exemplars else []
     exemplars_sha = read_manifest(exemplars_path)["sha256"] if exemplars else ""
     key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, max_seq_len, dtype, sppl_k,
                     exemplars_sha)
@@ -104,7 +109,7 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
         table = read_shard(cached)
         table = table.set_column(table.schema.get_field_index("iteration"), "iteration",
                                  pa.array([iteration] * table.num_rows, pa.int32()))
-        return {**write_shard(table, out_path, producer), "skipped": False, "cached": True}
+        return {**write_shard(table, out_path, producer, inputs), "skipped": False, "cached": True}
 
     table = read_shard(pool_shard, columns=["sample_id", "prompt", "response"])
     with tqdm(total=table.num_rows, desc=f"score {Path(pool_shard).stem}", unit="sample", leave=False) as bar:
@@ -127,7 +132,7 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
     out = pa.concat_tables(parts)
     if cached is not None:
         write_shard(out, cached, producer)
-    return {**write_shard(out, out_path, producer), "skipped": False, "cached": False}
+    return {**write_shard(out, out_path, producer, inputs), "skipped": False, "cached": False}
 
 
 def _why_nan(metric: str, n_tokens: int) -> str:

@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from storage.inputs import describe_inputs, is_current
+from storage.shards import read_manifest, read_shard, write_shard
 from tasks.score import metric_values
 
 WEIGHTS_SCHEMA = pa.schema([
@@ -51,7 +52,9 @@ def rank_and_select(values: np.ndarray, budget: float, threshold: float, method:
 
 def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: Path, method: str, metric: str,
                    order: str, budget: float, seed: int, producer: str = "") -> dict:
-    if shard_is_complete(out_path):
+    inputs = describe_inputs([*pool_shards, *(score_shards if method == "topk" else [])], method=method,
+                             metric=metric, order=order, budget=budget, seed=seed)
+    if is_current(out_path, inputs):
         selected = read_shard(out_path, columns=["selected"])["selected"]
         return {**read_manifest(out_path), "skipped": True, "selected": pc.sum(selected).as_py() or 0,
                 "pool": len(selected)}
@@ -87,5 +90,5 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
         "weight": selected.astype(np.float64), "selected": selected, "reason": reasons,
         "method": [method] * n, "rank": rank,
     }, schema=WEIGHTS_SCHEMA)
-    manifest = write_shard(table, out_path, producer)
+    manifest = write_shard(table, out_path, producer, inputs)
     return {**manifest, "skipped": False, "selected": int(selected.sum()), "pool": n}

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
+from storage.inputs import describe_inputs, is_current
+from storage.shards import read_manifest, read_shard, write_shard
 from tasks.generate import SamplingParams, sample_responses
-from tasks.models import load_model, render_prompt
+from tasks.models import load_model, model_fingerprint, render_prompt
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 EXEMPLAR_INTRO = "Here are examples of the answer style to follow:"
@@ -44,7 +45,9 @@ def make_exemplars(validation_shards: list[Path], out_path: Path, model_name: st
                    count: int, max_new_tokens: int, batch_size: int, producer: str = "", *,
                    trust_remote_code: bool = False) -> dict:
     """The target model's own correct answers to up to `count` validation questions."""
-    if shard_is_complete(out_path):
+    inputs = describe_inputs(validation_shards, [model_fingerprint(model_name, adapter)], dtype=dtype, count=count,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     table = pa.concat_tables([read_shard(p, columns=["question_id", "prompt", "response"]) for p in validation_shards])
     model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
@@ -61,7 +64,7 @@ def make_exemplars(validation_shards: list[Path], out_path: Path, model_name: st
                 kept["response"].append(answer)
         if len(kept["response"]) >= count:
             break
-    return {**write_shard(pa.table(kept), out_path, producer), "skipped": False}
+    return {**write_shard(pa.table(kept), out_path, producer, inputs), "skipped": False}
 
 
 def sppl_context(tokenizer, question: str, exemplars: list[str]) -> str:

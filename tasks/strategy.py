@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.shards import read_shard, shard_is_complete, write_shard
+from storage.inputs import describe_inputs, is_current, texts_digest
+from storage.shards import read_shard, write_shard
 from tasks.generate import SamplingParams, sample_responses
-from tasks.models import load_model
+from tasks.models import load_model, model_fingerprint
 from tasks.score import compute_scores
 
 
@@ -46,7 +47,12 @@ def choose_strategy(strategies: list[Strategy], questions: list[str], out_path: 
                     batch_tokens: int, seed: int, producer: str = "", *, trust_remote_code: bool = False) -> Strategy:
     """Score every strategy, write the comparison table, return the chosen strategy."""
     by_name = {s.name: s for s in strategies}
-    if not shard_is_complete(out_path):
+    generators = [model_fingerprint(s.model) for s in strategies if s.model]
+    inputs = describe_inputs([exemplars_path], [model_fingerprint(target, adapter), *generators],
+                             strategies=strategies, questions=texts_digest(questions), dtype=dtype, k=k,
+                             max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
+                             seed=seed)
+    if not is_current(out_path, inputs):
         exemplars = read_shard(exemplars_path)["response"].to_pylist()
         rows = []
         for strategy in strategies:
@@ -59,6 +65,6 @@ def choose_strategy(strategies: list[Strategy], questions: list[str], out_path: 
         best = min(rows, key=lambda r: (math.isnan(r["mean_sppl"]), r["mean_sppl"]))["strategy"]
         for row in rows:
             row["chosen"] = row["strategy"] == best
-        write_shard(pa.Table.from_pylist(rows), out_path, producer)
+        write_shard(pa.Table.from_pylist(rows), out_path, producer, inputs)
     table = read_shard(out_path).to_pylist()
     return by_name[next(r["strategy"] for r in table if r["chosen"])]

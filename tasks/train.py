@@ -15,8 +15,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from storage.shards import directory_is_complete, read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
-from tasks.models import load_model
+from storage.inputs import describe_inputs, is_current, texts_digest
+from storage.shards import read_manifest, read_shard, write_directory_manifest, write_shard
+from tasks.models import load_model, model_fingerprint
 from tasks.nll import batch_nll
 from tasks.tokens import collate, encode_pairs
 
@@ -31,7 +32,9 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
                     generation_weight_shards: list[Path], validation_shards: list[Path], out_path: Path,
                     producer: str = "") -> dict:
     """Selected pool pairs (minus refined questions) + weighted generations (+ validation for direct mixing)."""
-    if shard_is_complete(out_path):
+    inputs = describe_inputs([*pool_shards, weights_path, *generation_shards, *generation_weight_shards,
+                              *validation_shards], refined=texts_digest(sorted(refined)))
+    if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     columns = ["sample_id", "question_id", "source", "prompt", "response"]
     pool = pa.concat_tables([read_shard(p, columns=columns) for p in pool_shards])
@@ -58,17 +61,18 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
                      .append_column("origin", pa.array(["validation"] * val.num_rows)))
     table = pa.concat_tables([p.select(TRAIN_SET_SCHEMA.names).cast(TRAIN_SET_SCHEMA) for p in parts])
     counts = pc.value_counts(table["origin"]).to_pylist()
-    return {**write_shard(table, out_path, producer), "skipped": False,
+    return {**write_shard(table, out_path, producer, inputs), "skipped": False,
             "by_origin": {c["values"]: c["counts"] for c in counts}}
 
 
 def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") -> dict:
     """Every pair of `shards` with weight 1: the training set of the DavIR reference adapter."""
-    if shard_is_complete(out_path):
+    inputs = describe_inputs(shards)
+    if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     table = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in shards])
     table = table.append_column("weight", pa.array([1.0] * table.num_rows, pa.float64()))
-    return {**write_shard(table, out_path, producer), "skipped": False}
+    return {**write_shard(table, out_path, producer, inputs), "skipped": False}
 
 
 def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
@@ -76,7 +80,11 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
                target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
                producer: str = "", *, trust_remote_code: bool = False) -> dict:
     """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch."""
-    if directory_is_complete(out_dir):  # the finished run's own figures, so a resumed run records them too
+    inputs = describe_inputs([train_set], [model_fingerprint(model_name, previous_adapter)], epochs=epochs,
+                             learning_rate=learning_rate, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
+                             lora_dropout=lora_dropout, target_modules=list(target_modules),
+                             max_grad_norm=max_grad_norm, max_seq_len=max_seq_len, seed=seed)
+    if is_current(out_dir, inputs):  # the finished run's own figures, so a resumed run records them too
         stats_file = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         return {"skipped": True, "adapter": str(out_dir), **stats}
@@ -115,7 +123,7 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
             steps += 1
         epoch_losses.append(total / max(seen, 1))
     stats = {"steps": steps, "examples": len(usable), "epoch_losses": epoch_losses}
-    save_adapter(model, out_dir, producer, {TRAINING_STATS: stats})
+    save_adapter(model, out_dir, producer, {TRAINING_STATS: stats}, inputs)
     return {"skipped": False, "adapter": str(out_dir), **stats}
 
 
@@ -133,16 +141,18 @@ def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, l
     return model, tokenizer
 
 
-def save_adapter(model, out_dir: Path, producer: str = "", extra_json: dict | None = None) -> None:
+def save_adapter(model, out_dir: Path, producer: str = "", extra_json: dict | None = None,
+                 inputs: dict | None = None) -> None:
     """Write the adapter so that it appears only complete: staging dir, manifest, rename. `extra_json` maps
-    file names to objects stored beside the weights (and covered by the manifest)."""
+    file names to objects stored beside the weights (and covered by the manifest); `inputs`: what it was
+    trained from (storage/inputs.py)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     for name, obj in (extra_json or {}).items():
         (staging / name).write_text(json.dumps(obj, sort_keys=True))
     _sort_target_modules(staging / "adapter_config.json")
-    write_directory_manifest(staging, producer)
+    write_directory_manifest(staging, producer, inputs)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
 
