@@ -136,7 +136,10 @@ def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, train
                trust_remote_code: bool = False):
     """(model, tokenizer). Inference models are cached per process; trainable ones are always fresh,
     because PEFT injects LoRA layers into the base model in place."""
-    key = (name, dtype, adapter, trust_remote_code)
+    # the contents are part of the key: a model directory or adapter rewritten in place (a retrained model, a
+    # rerun's new adapter at the same path) must not be served from memory as it was
+    adapter_digest = directory_digest(Path(adapter)) if adapter and (Path(adapter) / "MANIFEST.json").exists() else ""
+    key = (name, dtype, adapter, trust_remote_code, model_fingerprint(name), adapter_digest)
     if not trainable and key in _loaded:
         _loaded[key] = _loaded.pop(key)  # most recently used last
         return _loaded[key]
