@@ -79,3 +79,27 @@ def publish_iteration(catalog_path: Path, run_id: str, iteration: int, report_di
     create_markdown_artifact(summary_markdown(run_id, iteration, metrics, coverage, Path(report_dir)), key=keys[2],
                              description=f"{run_id} iteration {iteration}: summary and plots")
     return keys
+
+
+def series_table(catalog_path: Path, series: str) -> list[dict]:
+    """One row per run of the series: its predecessor, pool rows new/gone/unchanged, score shards reused."""
+    columns, rows = query_read_only(Path(catalog_path), """
+        select c.run_id, c.predecessor, c.scheduled_at, c.new_rows, c.gone_rows, c.unchanged_rows,
+               s.shards_computed, s.shards_reused
+        from pool_changes(?) c join series_runs s using (run_id) order by c.scheduled_at""", [series])
+    return [{k: str(v) if k == "scheduled_at" else v for k, v in zip(columns, r)} for r in rows]
+
+
+def publish_series_run(catalog_path: Path, series: str) -> str | None:
+    """The series' history under one key (`curate-<series>-series`), a version per run; None outside a flow."""
+    if FlowRunContext.get() is None:
+        return None
+    key = artifact_key(series, "series")
+    rows = series_table(catalog_path, series)
+    latest = rows[-1] if rows else {}
+    create_table_artifact(rows, key=key, description=(
+        f"series {series}, run {latest.get('run_id')}: {latest.get('new_rows')} pool rows new, "
+        f"{latest.get('gone_rows')} gone, {latest.get('unchanged_rows')} unchanged against "
+        f"{latest.get('predecessor') or 'no predecessor'}; score shards {latest.get('shards_computed')} computed, "
+        f"{latest.get('shards_reused')} reused"))
+    return key

@@ -37,6 +37,9 @@ def print_summary(summary: dict) -> None:
     print(f"  generated responses {summary['generated']}")
     print(f"  training rows       {summary['train_rows']}")
     print(f"  score shards        {summary['shards_computed']} computed, {summary['shards_reused']} reused")
+    if "series" in summary:
+        print(f"  series              {summary['series']}, predecessor {summary['predecessor'] or '(none)'}: pool rows "
+              f"{summary['pool_new']} new, {summary['pool_gone']} gone, {summary['pool_unchanged']} unchanged")
     print(f"  validation loss     {summary['validation_loss_before']:.4f} -> {summary['validation_loss_after']:.4f}")
     print(f"  test loss           {summary['test_loss_before']:.4f} -> {summary['test_loss_after']:.4f}")
     if "refusal_rate_before" in summary:
@@ -56,7 +59,7 @@ def check_data_paths(config: str, cfg) -> None:
             raise ConfigError(f"{config}: {field_name}: no such file or directory: {path}")
 
 
-def run(config: str, run_id: str, root: str, wait: float = 0.0) -> dict:
+def run(config: str, run_id: str, root: str, wait: float = 0.0, series: str = "") -> dict:
     from flows.config import load_config
     from flows.faults import active_faults
     from storage.runlock import run_lock
@@ -65,12 +68,12 @@ def run(config: str, run_id: str, root: str, wait: float = 0.0) -> dict:
     cfg = load_config(config, {k: v for k, v in (("run_id", run_id), ("root", root)) if v})
     check_data_paths(config, cfg)
     active_faults()  # a malformed CURATE_FAULTS fails now, not at the first task
-    with run_lock(Path(cfg.root), cfg.run_id, wait):
+    with run_lock(Path(cfg.root), run_id or (f"{series}-<now>" if series else cfg.run_id), wait):
         from flows.curate import curate
         from flows.runners import prefect_api_for_workers
 
         with prefect_api_for_workers(cfg.runner):
-            summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root)
+            summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root, series=series)
     print_summary(summary)
     return summary
 
@@ -109,8 +112,10 @@ def serve(config: str, cron: str | None, name: str) -> None:
 
     cfg = load_config(config)
     _require_server()
-    # The catalog has one writer: at most one run of this deployment at a time, later ones wait.
-    curate.serve(name=name or cfg.run_id, cron=cron, parameters={"config_path": str(Path(config).resolve())},
+    # The catalog has one writer: at most one run of this deployment at a time, later ones wait. Each tick is a
+    # new run of the series `name`, named for its scheduled time (flows/series.py).
+    curate.serve(name=name or cfg.run_id, cron=cron,
+                 parameters={"config_path": str(Path(config).resolve()), "series": name or cfg.run_id},
                  global_limit=1, tags=["sft-curate"])
 
 
@@ -154,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--root", default="", help="override the config's storage root")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run on the same root to finish (default: refuse at once)")
+    p.add_argument("--series", default="", help="a new run of this series, named <series>-<UTC time>")
     p = sub.add_parser("demo", help="fetch the default model if needed and run the bundled demo")
     p.add_argument("--run-id", default="")
     p.add_argument("--root", default="")
@@ -178,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            run(args.config, args.run_id, args.root, args.wait)
+            run(args.config, args.run_id, args.root, args.wait, args.series)
         elif args.command == "demo":
             from tasks.models import fetch_default_model
 

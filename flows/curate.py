@@ -18,6 +18,7 @@ from flows.artifacts import publish_iteration
 from flows.config import CurateConfig, load_config, parse_config
 from flows.report import write_report
 from flows.runners import shard_task_runner
+from flows.series import finish_series_run, scheduled_time, series_run_id
 from flows.stages import (bds_task, diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task,
                           iterit_task, plan_task, reference_task, reweight_task, score_task, select_task,
                           strategy_task, train_set_task, train_task)
@@ -36,7 +37,9 @@ SPLITS = ("pool", "validation", "test")
 
 def _run_name() -> str:
     params = flow_run.parameters
-    run_id = params.get("run_id") or load_config(params["config_path"]).run_id
+    series = params.get("series")
+    run_id = params.get("run_id") or (series_run_id(series, scheduled_time()) if series
+                                      else load_config(params["config_path"]).run_id)
     return f"curate-{run_id}"
 
 
@@ -209,9 +212,12 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
 
 @flow(name="curate", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
-    """The whole loop for one config. `run_id`/`root` override the config's values."""
+def curate(config_path: str, run_id: str = "", root: str = "", series: str = "") -> dict:
+    """The whole loop for one config. `run_id`/`root` override the config's values; with `series` (schedules
+    and deployments set it) the run is that series' run for the scheduled time, `<series>-<YYYYmmddTHHMM>`."""
     started = time.time()
+    scheduled = scheduled_time()
+    run_id = run_id or (series_run_id(series, scheduled) if series else "")
     overrides = {k: v for k, v in (("run_id", run_id), ("root", root)) if v}
     cfg: CurateConfig = load_config(config_path, overrides)
     log = get_run_logger()
@@ -220,9 +226,13 @@ def curate(config_path: str, run_id: str = "", root: str = "") -> dict:
         catalog = Catalog(paths.catalog)
         catalog.upsert_run(cfg.run_id, cfg.to_dict(), cfg.fingerprint(), str(paths.root), "running",
                            str(flow_run.id))
-        log.info("run %s: storage %s", cfg.run_id, paths.run_dir)
+        predecessor = catalog.start_series_run(cfg.run_id, series, scheduled) if series else None
+        log.info("run %s: storage %s%s", cfg.run_id, paths.run_dir,
+                 f" (series {series}, predecessor {predecessor})" if series else "")
         try:
             summary = _curate_run(cfg, paths, catalog, log)
+            if series:
+                summary = {**summary, "predecessor": predecessor, **finish_series_run(catalog, series, summary)}
         except Exception:  # a killed process stays "running" until its rerun; a failed one says so
             catalog.set_run_status(cfg.run_id, "failed")
             raise

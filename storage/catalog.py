@@ -52,6 +52,9 @@ CREATE TABLE IF NOT EXISTS metrics (
 CREATE TABLE IF NOT EXISTS quarantine (
     run_id VARCHAR, split VARCHAR, file VARCHAR, reason VARCHAR, rows BIGINT,
     PRIMARY KEY (run_id, split, file, reason));
+CREATE TABLE IF NOT EXISTS series_runs (
+    run_id VARCHAR PRIMARY KEY, series VARCHAR, scheduled_at TIMESTAMP, predecessor VARCHAR,
+    shards_computed BIGINT, shards_reused BIGINT);
 CREATE OR REPLACE VIEW current_weights AS
     SELECT run_id, sample_id, iteration, epoch, weight, selected, reason, method FROM weight_history
     QUALIFY row_number() OVER (PARTITION BY run_id, sample_id ORDER BY iteration DESC, epoch DESC) = 1;
@@ -63,8 +66,26 @@ CREATE OR REPLACE VIEW lineage_artifacts AS
     SELECT l.run_id, l.relation, l.src, s.kind AS src_kind, s.iteration AS src_iteration, s.rows AS src_rows,
            l.dst, d.kind AS dst_kind, d.iteration AS dst_iteration, d.rows AS dst_rows, d.task_run_id AS dst_task_run_id
     FROM lineage l LEFT JOIN artifacts s ON s.path = l.src LEFT JOIN artifacts d ON d.path = l.dst;
+CREATE OR REPLACE VIEW series_weight_history AS
+    SELECT s.series, s.scheduled_at, w.run_id, w.sample_id, w.iteration, w.epoch, w.weight, w.selected, w.reason,
+           w.method
+    FROM series_runs s JOIN current_weights w USING (run_id);
+CREATE OR REPLACE MACRO pool_changes(series_name) AS TABLE
+    WITH members AS (SELECT DISTINCT run_id, sample_id FROM weight_history WHERE iteration = 1),
+    tick AS (SELECT run_id, predecessor, scheduled_at FROM series_runs WHERE series = series_name),
+    now_ AS (SELECT t.run_id, m.sample_id FROM tick t JOIN members m ON m.run_id = t.run_id),
+    before_ AS (SELECT t.run_id, m.sample_id FROM tick t JOIN members m ON m.run_id = t.predecessor),
+    both_ AS (SELECT coalesce(n.run_id, b.run_id) AS run_id, n.sample_id IS NOT NULL AS in_run,
+                     b.sample_id IS NOT NULL AS in_predecessor
+              FROM now_ n FULL JOIN before_ b ON n.run_id = b.run_id AND n.sample_id = b.sample_id)
+    SELECT t.run_id, t.predecessor, t.scheduled_at,
+           count(*) FILTER (WHERE in_run AND NOT in_predecessor) AS new_rows,
+           count(*) FILTER (WHERE in_predecessor AND NOT in_run) AS gone_rows,
+           count(*) FILTER (WHERE in_run AND in_predecessor) AS unchanged_rows
+    FROM tick t LEFT JOIN both_ USING (run_id) GROUP BY ALL ORDER BY t.scheduled_at;
 """
-TABLES = ("runs", "iterations", "artifacts", "lineage", "weight_history", "coverage", "metrics", "quarantine")
+TABLES = ("runs", "iterations", "artifacts", "lineage", "weight_history", "coverage", "metrics", "quarantine",
+          "series_runs")
 
 # One connection at a time per process: DuckDB refuses a read-only and a read-write connection to the same file
 # in one process, and concurrent writes to the same rows from two threads would conflict.
@@ -231,6 +252,31 @@ class Catalog:
             con.execute("DELETE FROM quarantine WHERE run_id = ? AND split = ?", [run_id, split])
             if values:
                 con.executemany("INSERT OR REPLACE INTO quarantine VALUES (?, ?, ?, ?, ?)", values)
+
+    def start_series_run(self, run_id: str, series: str, scheduled_at: datetime) -> str | None:
+        """Record a run of a series; returns its predecessor: the series' latest completed run scheduled before
+        it (None for the first)."""
+        scheduled_at = scheduled_at.astimezone(timezone.utc).replace(tzinfo=None)
+        with self._write() as con:
+            found = con.execute(
+                """SELECT s.run_id FROM series_runs s JOIN runs r USING (run_id)
+                WHERE s.series = ? AND s.scheduled_at < ? AND r.status = 'completed' AND s.run_id <> ?
+                ORDER BY s.scheduled_at DESC LIMIT 1""", [series, scheduled_at, run_id]).fetchone()
+            predecessor = found[0] if found else None
+            con.execute("INSERT OR REPLACE INTO series_runs VALUES (?, ?, ?, ?, NULL, NULL)",
+                        [run_id, series, scheduled_at, predecessor])
+        return predecessor
+
+    def finish_series_run(self, run_id: str, shards_computed: int, shards_reused: int) -> dict:
+        """Store the run's reuse counts; returns its pool changes against the predecessor (pool_changes)."""
+        with self._write() as con:
+            con.execute("UPDATE series_runs SET shards_computed = ?, shards_reused = ? WHERE run_id = ?",
+                        [shards_computed, shards_reused, run_id])
+            (series,) = con.execute("SELECT series FROM series_runs WHERE run_id = ?", [run_id]).fetchone()
+            new, gone, unchanged = con.execute(
+                "SELECT new_rows, gone_rows, unchanged_rows FROM pool_changes(?) WHERE run_id = ?",
+                [series, run_id]).fetchone()
+        return {"pool_new": new, "pool_gone": gone, "pool_unchanged": unchanged}
 
     def row_counts(self) -> dict[str, int]:
         with _open(self.path, True, self.lock_timeout) as con:
