@@ -2,8 +2,10 @@
 
     curate run deployments/configs/demo.yaml
 
-Every stage writes verified shards and skips work whose outputs already verify, so a rerun of the same run id
-(or a run resumed after a kill) recomputes only what is missing; the catalog replaces rows on primary keys.
+Every stage writes verified shards whose manifests say what they were computed from, and skips work whose
+outputs verify and were computed from its current inputs (storage/inputs.py): a rerun of the same run id (or a
+run resumed after a kill) recomputes only what is missing or stale; the catalog replaces rows on primary keys.
+With `series`, each scheduled run is a new run of that series (flows/series.py).
 """
 from __future__ import annotations
 

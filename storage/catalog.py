@@ -14,6 +14,9 @@ Tables and views for lineage questions (`curate sql`):
 - current_weights (view): each sample's weight in the latest iteration (last epoch) of its run
 - why_dropped (view): the samples each iteration's final selection dropped, with method and reason
 - lineage_artifacts (view): lineage edges with the kind, iteration, rows and producing task run of both ends
+- series_runs: the runs of a series (flows/series.py): scheduled time, predecessor, score shards computed/reused
+- series_weight_history (view): each sample's final weight in every run of its series
+- pool_changes(series) (table macro): per run, pool rows new, gone and unchanged against its predecessor
 """
 from __future__ import annotations
 

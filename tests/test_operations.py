@@ -1,6 +1,6 @@
 """Operations: deployments match their flows; a real `prefect server start` runs a deployed (process work pool)
-and a served (cron) curate flow to Completed, with their artifacts; the report's four plots, opened in headless
-Chromium. `pytest tests/test_operations.py`"""
+and a served (cron) series of three scheduled runs to Completed, with their artifacts and the series in the
+catalog; the report's four plots, opened in headless Chromium. `pytest tests/test_operations.py`"""
 from __future__ import annotations
 
 import inspect
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -20,8 +21,10 @@ import numpy as np
 import pytest
 import yaml
 
+from flows.artifacts import artifact_key
 from flows.config import load_config
 from flows.report import PLOTS, write_report
+from storage.catalog import query_read_only
 from tests.conftest import REPO, write_tiny_run
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
@@ -178,12 +181,12 @@ def _wait_until_final(server: Server, flow_run_id: str, log: Path) -> dict:
     return run
 
 
-def _check_artifacts(server: Server, flow_run_id: str) -> dict:
+def _check_artifacts(server: Server, flow_run_id: str, run_id: str = "ops", iterations: int = 2) -> dict:
     """Each iteration's subflow published a metrics table, a coverage table and a summary, under keys that
     are the same for every iteration (the UI shows their history)."""
     subflows = server.client.post("/flow_runs/filter", json={
         "flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}, "sort": "NAME_ASC"}).json()
-    assert [r["name"] for r in subflows] == ["curate-ops-iter-001", "curate-ops-iter-002"]
+    assert [r["name"] for r in subflows] == [f"curate-{run_id}-iter-{i:03d}" for i in range(1, iterations + 1)]
     assert all(r["state"]["type"] == "COMPLETED" for r in subflows)
     ids = [r["id"] for r in subflows]
     artifacts = server.client.post("/artifacts/filter", json={
@@ -191,21 +194,22 @@ def _check_artifacts(server: Server, flow_run_id: str) -> dict:
     by_key = {}
     for a in artifacts:
         by_key.setdefault(a["key"], []).append(a)
-    assert sorted(by_key) == ["curate-ops-coverage", "curate-ops-metrics", "curate-ops-summary"]
+    key = artifact_key(run_id, "")
+    assert sorted(by_key) == [f"{key}-coverage", f"{key}-metrics", f"{key}-summary"]
     assert all(sorted(a["flow_run_id"] for a in found) == sorted(ids) for found in by_key.values())
-    for a in by_key["curate-ops-metrics"]:
+    for a in by_key[f"{key}-metrics"]:
         rows = json.loads(a["data"])
         names = {(r["stage"], r["metric"]) for r in rows}
         assert {("evaluate", "validation_loss"), ("evaluate", "test_loss"), ("select", "selected")} <= names
         assert {r["method"] for r in rows} == {"topk"}
-    for a in by_key["curate-ops-coverage"]:
+    for a in by_key[f"{key}-coverage"]:
         rows = json.loads(a["data"])
         assert sorted((r["source"], r["questions_total"]) for r in rows) == [("alpaca", 37), ("hh", 10)]
-    for a in by_key["curate-ops-summary"]:
+    for a in by_key[f"{key}-summary"]:
         assert a["type"] == "markdown" and "index.html" in a["data"]
         assert all(name in a["data"] for name in PLOTS)
-    latest = server.client.get("/artifacts/curate-ops-summary/latest").json()
-    assert "iteration 2" in latest["data"] and latest["flow_run_id"] == ids[-1]
+    latest = server.client.get(f"/artifacts/{key}-summary/latest").json()
+    assert f"iteration {iterations}" in latest["data"] and latest["flow_run_id"] == ids[-1]
     return by_key
 
 
@@ -255,28 +259,59 @@ def test_curate_deploy_runs_the_nightly_deployment_on_a_process_worker(server, t
     _check_artifacts(server, run["id"])
 
 
-def test_curate_serve_schedules_runs_and_runs_them_without_a_work_pool(server, tiny_config, tmp_path):
+def test_curate_serve_runs_a_series_of_scheduled_runs_without_a_work_pool(server, tiny_model_dir, tmp_path):
+    """Three ticks of a served cron deployment, the pool growing between them: three runs named for their
+    scheduled times, each the next one's predecessor, unchanged shards not rescored, weights across the series."""
+    config = write_tiny_run(tmp_path, tiny_model_dir, run_id="unused-in-a-series", iterations=1)
+    extra = json.loads((REPO / "data" / "demo" / "pool_alpaca.json").read_text())[41:59]
     serve_log = tmp_path / "serve.log"
-    serve = _start([sys.executable, "-m", "flows.cli", "serve", str(tiny_config), "--cron", "0 3 * * *",
-                    "--name", "tiny-served"], server.env, serve_log)
+    serve = _start([sys.executable, "-m", "flows.cli", "serve", str(config), "--cron", "0 3 * * *",
+                    "--name", "tiny-nightly"], server.env, serve_log)
+    # three nightly ticks that are already due, so the runner starts each one as soon as it exists
+    today = datetime.now(timezone.utc).replace(hour=2, minute=0, second=0, microsecond=0)
+    ticks = [today - timedelta(days=days) for days in (3, 2, 1)]
+    runs = []
     try:
         def served():
             assert serve.poll() is None, serve_log.read_text()[-3000:]
-            response = server.client.get("/deployments/name/curate/tiny-served")
+            response = server.client.get("/deployments/name/curate/tiny-nightly")
             return response.json() if response.status_code == 200 else None
 
         deployment = _wait_for(served, 120, "curate serve to register its deployment")
-        assert deployment["work_pool_name"] is None and deployment["parameters"] == {"config_path": str(tiny_config)}
+        assert deployment["work_pool_name"] is None
+        assert deployment["parameters"] == {"config_path": str(config), "series": "tiny-nightly"}
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
         assert deployment["global_concurrency_limit"]["limit"] == 1
-
         _scheduled_runs(server, deployment["id"], "03:00")
-        run = server.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
-        run = _wait_until_final(server, run["id"], serve_log)
+
+        for tick, grown in zip(ticks, ([], extra[:12], extra[12:])):
+            pool = tmp_path / "pool.json"
+            pool.write_text(json.dumps(json.loads(pool.read_text()) + grown))
+            run = server.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"state": {
+                "type": "SCHEDULED", "state_details": {"scheduled_time": tick.isoformat()}}}).json()
+            assert "id" in run, run
+            runs.append(_wait_until_final(server, run["id"], serve_log))
     finally:
         _stop(serve)
-    assert run["name"] == "curate-ops"
-    _check_artifacts(server, run["id"])
+    run_ids = [f"tiny-nightly-{tick:%Y%m%dT%H%M}" for tick in ticks]
+    assert [r["name"] for r in runs] == [f"curate-{run_id}" for run_id in run_ids]
+    _check_artifacts(server, runs[0]["id"], run_ids[0], iterations=1)
+
+    catalog = tmp_path / "root" / "catalog.duckdb"
+    _, rows = query_read_only(catalog, """select run_id, predecessor, shards_computed, shards_reused
+                                         from series_runs where series = 'tiny-nightly' order by scheduled_at""")
+    assert rows == [(run_ids[0], None, 3, 0), (run_ids[1], run_ids[0], 2, 2), (run_ids[2], run_ids[1], 2, 3)]
+    _, changes = query_read_only(catalog, "select new_rows, gone_rows, unchanged_rows from pool_changes('tiny-nightly')")
+    assert changes == [(47, 0, 0), (12, 0, 47), (6, 0, 59)]
+    _, history = query_read_only(catalog, """select count(distinct sample_id), count(distinct run_id)
+                                             from series_weight_history where series = 'tiny-nightly'""")
+    assert history == [(65, 3)]
+    versions = server.client.post("/artifacts/filter", json={
+        "artifacts": {"key": {"any_": ["curate-tiny-nightly-series"]}}, "sort": "CREATED_DESC"}).json()
+    assert [a["flow_run_id"] for a in reversed(versions)] == [r["id"] for r in runs]  # one version per run
+    last = json.loads(versions[0]["data"])
+    assert [(r["new_rows"], r["gone_rows"], r["unchanged_rows"]) for r in last] == changes
+    assert [(r["shards_computed"], r["shards_reused"]) for r in last] == [(3, 0), (2, 2), (2, 3)]
 
 
 # --- the report -----------------------------------------------------------------------------------------------
