@@ -27,7 +27,7 @@ from flows.stages import (bds_task, diversity_task, evaluate_task, exemplars_tas
 from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.runlock import run_lock
-from storage.shards import list_shards, read_manifest, read_shard
+from storage.shards import list_shards, read_manifest, read_shard, remove_shards_except
 from tasks.coverage import coverage_rows
 from tasks.ingest import read_prompts
 from tasks.generate import SamplingParams, refined_question_ids
@@ -92,6 +92,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
         scores.append(out)
         reused += bool(done["skipped"] or done.get("cached"))  # this run's own output, or another run's cache entry
         _record_shards(catalog, run_id, iteration, "scores", [out], [shard], "scored")
+    remove_shards_except(paths.scores_dir(iteration), scores)  # no stale shard of a larger pool in `scores`
     if "diversity" in cfg.score.metrics:
         out = paths.scores_dir(iteration) / "diversity.parquet"
         diversity_task.with_options(task_run_name=f"diversity-{run_id}-it{iteration}")(
@@ -172,6 +173,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
             _record_shards(catalog, run_id, iteration, "generations", [out], [shard] + ([previous] if previous else []),
                            "generated_for")
             _record_shards(catalog, run_id, iteration, "generation_weights", [w_out], [out], "weighs")
+    remove_shards_except(paths.generations_dir(iteration), generations)
+    remove_shards_except(paths.generation_weights_dir(iteration), generation_weights)
     refined = refined_question_ids(refine)
 
     train_set = paths.train_set(iteration)

@@ -133,6 +133,17 @@ def list_shards(directory: Path) -> list[Path]:
     return [p for p in sorted(directory.glob("shard-*.parquet")) if shard_is_complete(p)]
 
 
+def remove_shards_except(directory: Path, keep: list[Path]) -> list[Path]:
+    """Delete the shards of `directory` (and their manifests) that are not in `keep`: what a pool that shrank,
+    or a smaller refinement plan, left behind from an earlier computation. Returns what was removed."""
+    names = {Path(p).name for p in keep}
+    removed = [p for p in sorted(Path(directory).glob("shard-*.parquet")) if p.name not in names]
+    for path in removed:
+        manifest_path(path).unlink(missing_ok=True)  # the manifest first: a half-removed shard counts as missing
+        path.unlink()
+    return removed
+
+
 def write_directory_manifest(directory: Path, producer: str = "", inputs: dict | None = None) -> dict:
     """Manifest for a directory output (an adapter): sha256 of every file, written last; `inputs` as in
     write_shard."""

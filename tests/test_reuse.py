@@ -17,7 +17,8 @@ import yaml
 
 from flows.curate import curate
 from storage.inputs import describe_inputs, is_current, recorded_inputs
-from storage.shards import MANIFEST_SUFFIX, read_manifest, read_shard, write_directory_manifest, write_shard
+from storage.shards import (MANIFEST_SUFFIX, read_manifest, read_shard, remove_shards_except, write_directory_manifest,
+                            write_shard)
 from tasks.models import model_fingerprint
 from tests.conftest import DEMO, write_tiny_run
 from tests.tiny import build_model_dir
@@ -91,6 +92,17 @@ def test_is_current_needs_a_verified_output_computed_from_the_same_inputs(tmp_pa
     assert not is_current(adapter, describe_inputs([copy], ["model:abc"], budget=0.6))
     (adapter / "weights.bin").write_bytes(b"\x01" * 8)  # no longer verifies
     assert not is_current(adapter, inputs)
+
+
+def test_shards_left_from_a_larger_computation_are_removed(tmp_path):
+    for i in range(3):
+        write_shard(pa.table({"x": [i]}), tmp_path / f"shard-{i:05d}.parquet")
+    write_shard(pa.table({"x": [9]}), tmp_path / "diversity.parquet")  # not a numbered shard: kept
+    assert remove_shards_except(tmp_path, [tmp_path / "shard-00000.parquet"]) == [
+        tmp_path / "shard-00001.parquet", tmp_path / "shard-00002.parquet"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "diversity.parquet", "diversity.parquet.manifest.json", "shard-00000.parquet",
+        "shard-00000.parquet.manifest.json"]
 
 
 def test_model_fingerprint_changes_when_weights_change_in_place(tmp_path):
