@@ -258,9 +258,13 @@ class Catalog:
 
     def start_series_run(self, run_id: str, series: str, scheduled_at: datetime) -> str | None:
         """Record a run of a series; returns its predecessor: the series' latest completed run scheduled before
-        it (None for the first)."""
+        it (None for the first). A run resumed under its own id (after a kill) keeps its time and predecessor."""
         scheduled_at = scheduled_at.astimezone(timezone.utc).replace(tzinfo=None)
         with self._write() as con:
+            known = con.execute("SELECT predecessor FROM series_runs WHERE run_id = ? AND series = ?",
+                                [run_id, series]).fetchone()
+            if known:
+                return known[0]
             found = con.execute(
                 """SELECT s.run_id FROM series_runs s JOIN runs r USING (run_id)
                 WHERE s.series = ? AND s.scheduled_at < ? AND r.status = 'completed' AND s.run_id <> ?

@@ -68,3 +68,17 @@ def test_a_sample_weight_is_followed_across_the_series(series):
         from series_weight_history where series = 'nightly' group by sample_id order by runs desc, sample_id""")
     assert len(rows) == 65 and sum(1 for r in rows if r[1] == 3) == 47  # the first tick's rows are in all three
     assert {r[1] for r in rows} == {1, 2, 3}
+
+
+def test_a_resumed_series_run_keeps_its_scheduled_time_and_predecessor(tmp_path):
+    from storage.catalog import Catalog
+
+    catalog = Catalog(tmp_path / "catalog.duckdb")
+    for run_id, day in (("s-1", 2), ("s-2", 3)):
+        catalog.upsert_run(run_id, {}, "", str(tmp_path), "running", None)
+        catalog.start_series_run(run_id, "s", datetime.fromisoformat(f"2026-12-0{day}T02:00:00+00:00"))
+        catalog.set_run_status(run_id, "completed")
+    # s-2 started again by hand after a kill, days later: still the 12-03 tick, after s-1
+    assert catalog.start_series_run("s-2", "s", datetime.fromisoformat("2026-12-09T10:00:00+00:00")) == "s-1"
+    _, rows = query_read_only(tmp_path / "catalog.duckdb", "select run_id, scheduled_at, predecessor from series_runs")
+    assert [(r[0], r[1].day, r[2]) for r in sorted(rows)] == [("s-1", 2, None), ("s-2", 3, "s-1")]
