@@ -44,5 +44,13 @@ def test_evaluate_to_file_stores_each_metric_with_its_answers(tmp_path, tiny_mod
     assert answers["ok"][:3] == refused and metrics["refusal_rate"] == pytest.approx(sum(refused) / 3)
     assert metrics["exact_match"] == float(is_correct(answers["answer"][3], references[0]))
     assert set(metrics) == {"validation_loss", "test_loss", "refusal_rate", "exact_match"}
-    again = evaluate_to_file(tmp_path / "evaluation.parquet", [], [], str(tiny_model_dir), "fp32", None, 128, 4096)
-    assert again == metrics  # a rerun reads the stored metrics
+    stamp = (tmp_path / "evaluation.parquet").stat().st_mtime_ns
+    again = evaluate_to_file(tmp_path / "evaluation.parquet", [tmp_path / "test.parquet"],
+                             [tmp_path / "test.parquet"], str(tiny_model_dir), "fp32", None, 128, 4096, harmful,
+                             max_new_tokens=6, batch_size=2)
+    assert again == metrics and (tmp_path / "evaluation.parquet").stat().st_mtime_ns == stamp  # read, not redone
+    other = evaluate_to_file(tmp_path / "evaluation.parquet", [tmp_path / "test.parquet"],
+                             [tmp_path / "test.parquet"], str(tiny_model_dir), "fp32", None, 128, 4096, harmful[:1],
+                             max_new_tokens=6, batch_size=2)
+    assert other["test_loss"] == metrics["test_loss"]  # other harmful prompts: evaluated again
+    assert len(read_shard(tmp_path / "evaluation-answers.parquet")) == 2
