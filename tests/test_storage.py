@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import duckdb
@@ -118,6 +119,7 @@ PRIMARY_KEYS = {
     "coverage": ["run_id", "iteration", "source"],
     "metrics": ["run_id", "iteration", "stage", "name"],
     "quarantine": ["run_id", "split", "file", "reason"],
+    "series_runs": ["run_id"],
 }
 
 
@@ -154,6 +156,8 @@ def _record_everything(cat: Catalog, tmp_path: Path, value: float, status: str) 
     ])
     cat.record_metrics("r1", 1, "eval", {"val_loss": value, "refusal_rate": 0.1})
     cat.record_quarantine("r1", "train", [{"file": "a.jsonl", "reason": "bad_json", "rows": int(value)}])
+    cat.start_series_run("r1", "nightly", datetime(2026, 12, 2, 2, 0, tzinfo=timezone.utc))
+    cat.finish_series_run("r1", 1, int(value))
 
 
 def test_schema_has_every_table_with_its_primary_key(catalog):
@@ -193,6 +197,7 @@ def test_recording_twice_replaces_rows_and_keeps_first_timestamps(catalog, tmp_p
     assert q("SELECT questions_kept, effective_sample_size FROM coverage") == [(4, 4.0)]
     assert q("SELECT value FROM metrics WHERE name = 'val_loss'") == [(4.0,)]
     assert q("SELECT rows FROM quarantine") == [(4,)]
+    assert q("SELECT series, predecessor, shards_reused FROM series_runs") == [("nightly", None, 4)]
 
 
 def test_set_run_status(catalog):
