@@ -46,11 +46,11 @@ def log(message: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def build_data(src: Path, out: Path) -> None:
+def build_data(src: Path, out: Path, seed: int = SEED) -> None:
     spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "data/demo/make_demo_data.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     alpaca = demo.short_alpaca_rows(src, rng)
     cuts = [SIZES["pool_benign"], SIZES["pool_corrupted"], SIZES["val_benign"], SIZES["test"]]
     benign, to_corrupt, val_benign, test = (alpaca[sum(cuts[:i]):sum(cuts[:i + 1])] for i in range(len(cuts)))
