@@ -78,12 +78,14 @@ class ScoreConfig:
 
 @dataclass
 class BDSConfig:
-    epochs: int = 3
+    epochs: int = 2  # with the value function an epoch costs ~2.5 plain SFT epochs (pool theta + u, half as much validation)
     lambda0: float = 0.5  # weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))
     lambda_decay: float = 0.1  # lambda falls by this much each epoch: the penalty on the pool loss grows
     weighting: typing.Literal["softmax", "sigmoid"] = "softmax"  # N softmax(z) or 2 sigmoid(z)
     logit_optimizer: typing.Literal["sgd", "adam"] = "sgd"  # Adam's per-coordinate steps rank by recency
-    logit_lr: float = 0.1  # keep logit_lr x loss / batch_size well below 1, or weights follow visiting order
+    # keep logit_lr x signal / batch_size well below 1, or weights follow visiting order; the value-function signal
+    # l(theta) - l(u) is ~10x smaller than the SEAL form's l(theta), so its step is ~10x larger (tiny-model tests)
+    logit_lr: float = 1.0
     learning_rate: float = 2e-4  # LoRA step size (train.lora_* set the adapter's shape)
     batch_size: int = 8  # pool samples per step, plus as many validation samples
     max_grad_norm: float = 1.0
@@ -93,7 +95,7 @@ class BDSConfig:
     value_function: bool = True
     u_learning_rate: float = 0.0  # step size of u, which must keep up with min_u g(u, z); 0 = learning_rate
     validation_tokens: int = 0  # > 0: the validation objective scores only the first K response tokens
-    validation_batch_size: int = 0  # validation pairs per step; 0 = batch_size
+    validation_batch_size: int = 4  # validation pairs per step (beside batch_size pool pairs); 0 = batch_size
     drop_unhelpful: bool = False  # drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)
     autocast: bool = False  # bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses
 
