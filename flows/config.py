@@ -78,19 +78,35 @@ class ScoreConfig:
 
 @dataclass
 class BDSConfig:
-    epochs: int = 3
+    epochs: int = 2  # with the value function an epoch costs ~2.5 plain SFT epochs (pool theta + u, half as much validation)
     lambda0: float = 0.5  # weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))
     lambda_decay: float = 0.1  # lambda falls by this much each epoch: the penalty on the pool loss grows
     weighting: typing.Literal["softmax", "sigmoid"] = "softmax"  # N softmax(z) or 2 sigmoid(z)
     logit_optimizer: typing.Literal["sgd", "adam"] = "sgd"  # Adam's per-coordinate steps rank by recency
-    logit_lr: float = 0.1  # keep logit_lr x loss / batch_size well below 1, or weights follow visiting order
+    # keep logit_lr x signal / batch_size well below 1, or weights follow visiting order; the value-function signal
+    # l(theta) - l(u) is ~10x smaller than the SEAL form's l(theta), so its step is ~10x larger (tiny-model tests)
+    logit_lr: float = 1.0
     learning_rate: float = 2e-4  # LoRA step size (train.lora_* set the adapter's shape)
     batch_size: int = 8  # pool samples per step, plus as many validation samples
     max_grad_norm: float = 1.0
     threshold: float = 0.0  # > 0: keep every sample whose weight is at least this, instead of the budget
+    # keep the value function v(z) = min_u g(u, z) with a second adapter u: the logit signal is l(theta) - l(u),
+    # which cancels each sample's irreducible loss; false = the SEAL form (signal l(theta))
+    value_function: bool = True
+    u_learning_rate: float = 0.0  # step size of u, which must keep up with min_u g(u, z); 0 = learning_rate
+    validation_tokens: int = 0  # > 0: the validation objective scores only the first K response tokens
+    validation_batch_size: int = 4  # validation pairs per step (beside batch_size pool pairs); 0 = batch_size
+    drop_unhelpful: bool = False  # drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)
+    autocast: bool = False  # bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
+        _require(self.u_learning_rate >= 0, f"{where}.u_learning_rate", "must be >= 0 (0 = learning_rate)",
+                 self.u_learning_rate)
+        _require(self.validation_tokens >= 0, f"{where}.validation_tokens", "must be >= 0 (0 = all)",
+                 self.validation_tokens)
+        _require(self.validation_batch_size >= 0, f"{where}.validation_batch_size", "must be >= 0",
+                 self.validation_batch_size)
         _require(0 <= self.lambda0 <= 1, f"{where}.lambda0", "must be in [0, 1]", self.lambda0)
         _require(self.lambda_decay >= 0, f"{where}.lambda_decay", "must be >= 0", self.lambda_decay)
         _require(self.logit_lr > 0, f"{where}.logit_lr", "must be > 0", self.logit_lr)
@@ -183,6 +199,8 @@ class TrainConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     max_grad_norm: float = 1.0
+    # also train on the validation pairs (uniform weight 1), whatever the selector; `full` always does
+    mix_validation: bool = False
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
@@ -244,6 +262,9 @@ class CurateConfig:
             raise ConfigError("reweight.method: BMO weights need a validation-aligned model; with select.method "
                               f"{self.select.method!r} that is the reference adapter, so score.davir_reference "
                               "must be 'validation'")
+        if self.select.method == "bds" and self.select.bds.drop_unhelpful and "ifd" not in computed:
+            raise ConfigError("select.bds.drop_unhelpful: the gate drops samples with IFD >= 1; add ifd to "
+                              "score.metrics")
         if self.select.method == "iterit" and "iterit" not in computed:
             raise ConfigError("select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics")
 

@@ -107,7 +107,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
         out = paths.iter_dir(iteration) / "bds"
         selection = bds_task.with_options(task_run_name=f"bds-{run_id}-it{iteration}")(
             pool, validation, out, weights, m.name, previous, s, cfg.train, m.max_seq_len, cfg.seed + iteration,
-            trust_remote_code=m.trust_remote_code)
+            trust_remote_code=m.trust_remote_code, score_shards=scores)
         history = [out / f"epoch-{e:03d}.parquet" for e in range(1, s.bds.epochs + 1)]
         _record_shards(catalog, run_id, iteration, "weights", [weights], [*pool, *validation], "selected_from")
         catalog.record_artifact(run_id, iteration, "bds_adapter", str(out / "adapter"),
@@ -178,7 +178,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     refined = refined_question_ids(refine)
 
     train_set = paths.train_set(iteration)
-    mixed_in = validation if s.method == "full" else []  # direct mixing: pool + validation, uniform
+    # direct mixing (`full`) always adds the validation pairs; train.mix_validation gives every selector that choice
+    mixed_in = validation if s.method == "full" or cfg.train.mix_validation else []
     train_set_task.with_options(task_run_name=f"train-set-{run_id}-it{iteration}")(
         pool, weights, refined, generations, generation_weights, mixed_in, train_set)
     _record_shards(catalog, run_id, iteration, "train_set", [train_set], [weights, *generation_weights, *mixed_in],

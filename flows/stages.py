@@ -164,11 +164,11 @@ def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_se
 
 @task(name="bds", **RETRIES)
 def bds_task(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter, select_cfg,
-             train_cfg, max_seq_len, seed, *, trust_remote_code: bool = False) -> dict:
+             train_cfg, max_seq_len, seed, *, trust_remote_code: bool = False, score_shards=()) -> dict:
     """Bilevel data selection: learned per-sample weights, per-epoch history, the validation-aligned adapter."""
     result = bds.run_bds(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter,
                          select_cfg.bds, train_cfg, max_seq_len, select_cfg.budget, seed, producer(),
-                         trust_remote_code=trust_remote_code)
+                         trust_remote_code=trust_remote_code, score_shards=score_shards)
     return report(result)
 
 

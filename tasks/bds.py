@@ -3,19 +3,25 @@ pool serves the validation set.
 
     min_z f_V(theta*(z))  s.t.  theta*(z) in argmin_theta (1/N) sum_i w_i(z) l_i(theta),  w = N softmax(z)
 
-solved by the first-order penalty method (no Hessians, no second model), lambda = 1/(1 + gamma):
-    theta step: minimize  lambda f_V(theta) + (1 - lambda) mean_b( sg(w_b) l_b(theta) )   (LoRA, clip 1.0)
-    z step:     minimize  mean_b( w_b(z) sg(l_b(theta)) )                                (SGD, or Adam)
-Each step forwards one validation mini-batch and one pool mini-batch together; the same per-sample losses
-serve both updates. lambda starts at lambda0 and falls by lambda_decay each epoch (the penalty grows).
+solved by a first-order penalty method, lambda = 1/(1 + gamma); the update rules are in tasks/bds_update.py.
+The default keeps the value function v(z) = min_u g(u, z) with a second LoRA adapter u on the same frozen base
+(one base model in memory), so the logit signal is l(theta) - l(u) rather than l(theta) alone. Each step forwards
+one validation mini-batch and one pool mini-batch together through theta, and the pool mini-batch through u.
+lambda starts at lambda0 and falls by lambda_decay each epoch (the penalty grows).
+
+Before weighting, `drop_unhelpful` gates out samples whose IFD >= 1 (the response does not depend on its
+question, e.g. swapped answers): validation-NLL objectives cannot see them. `validation_tokens` restricts the
+validation objective to the first K response tokens, where refusing or complying is decided.
 
 The pool is streamed shard by shard: only the model, the validation pairs and the N logits stay in memory.
-After every epoch the logits, the LoRA adapter and both optimizers are checkpointed, and that epoch's weights
-are written, so a killed run resumes at the last finished epoch. The final adapter is the validation-aligned
-model pi_V used by the BMO response weights.
+After every epoch theta, u, the logits and all optimizers are checkpointed and that epoch's weights written,
+so a killed run resumes at the last finished epoch. The final theta adapter is the validation-aligned model
+pi_V used by the BMO response weights.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import random
 import shutil
 from pathlib import Path
@@ -27,53 +33,59 @@ from tqdm.auto import tqdm
 from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
 from tasks.models import model_fingerprint
+from tasks.bds_update import bds_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
+from tasks.score import metric_values
 from tasks.select import WEIGHTS_SCHEMA, rank_and_select
 from tasks.tokens import collate, encode_pairs
 from tasks.train import save_adapter, trainable_lora
 
-
-def sample_weights(logits, weighting: str):
-    """`softmax`: N softmax(z), weights average 1 over the pool; `sigmoid`: 2 sigmoid(z), each in (0, 2)."""
-    import torch
-
-    if weighting == "softmax":
-        return logits.numel() * torch.softmax(logits, dim=0)
-    return 2 * torch.sigmoid(logits)
-
-
-def bds_step(val_loss, train_losses, index, logits, lam: float, weighting: str, model_optimizer, logit_optimizer,
-             model_params, max_grad_norm: float) -> tuple[float, float]:
-    """One alternating update. `train_losses` are the per-sample losses l_b of the pool samples `index`,
-    `val_loss` the mean validation loss of the mini-batch; both still carry the model's graph."""
-    import torch
-
-    w_batch = sample_weights(logits, weighting)[index].detach()
-    model_loss = lam * val_loss + (1 - lam) * (w_batch * train_losses).mean()
-    model_optimizer.zero_grad()
-    model_loss.backward()
-    torch.nn.utils.clip_grad_norm_(model_params, max_grad_norm)
-    model_optimizer.step()
-    # the z step sees the losses of the same (pre-update) forward, as constants
-    logit_loss = (sample_weights(logits, weighting)[index] * train_losses.detach()).mean()
-    logit_optimizer.zero_grad()
-    logit_loss.backward()
-    logit_optimizer.step()
-    return model_loss.item(), logit_loss.item()
+THETA, U = "default", "u"  # PEFT adapter names: theta is saved as bds/adapter, u only in checkpoints
 
 
 def epoch_path(out_dir: Path, epoch: int) -> Path:
     return out_dir / f"epoch-{epoch:03d}.parquet"
 
 
+def _precision(enabled: bool):
+    """bf16 autocast for the forwards (and so the backwards); master weights and the losses stay fp32."""
+    import torch
+
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else contextlib.nullcontext()
+
+
+def _add_value_adapter(model):
+    """u: a second adapter of the same shape, starting where theta starts, so l(theta) - l(u) starts at 0."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    model.add_adapter(U, model.peft_config[THETA])
+    set_peft_model_state_dict(model, get_peft_model_state_dict(model, adapter_name=THETA), adapter_name=U)
+    model.set_adapter(U)
+    u_params = [p for p in model.parameters() if p.requires_grad]
+    model.set_adapter(THETA)
+    return u_params
+
+
+def unhelpful_gate(pool_shards: list[Path], score_shards: list[Path], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gated, ifd): samples whose IFD is at least 1 are dropped before weighting."""
+    scores = metric_values(score_shards, "ifd")
+    ids = [s for p in pool_shards for s in read_shard(p, columns=["sample_id"])["sample_id"].to_pylist()]
+    if not any(i in scores for i in ids):
+        raise ValueError("select.bds.drop_unhelpful: no ifd scores for the pool; add ifd to score.metrics")
+    ifd = np.array([scores.get(i, math.nan) for i in ids], dtype=np.float64)
+    return np.nan_to_num(ifd, nan=0.0) >= 1, ifd
+
+
 def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Path, weights_path: Path,
             model_name: str, previous_adapter: str | None, bds, lora, max_seq_len: int, budget: float,
-            seed: int, producer: str = "", *, trust_remote_code: bool = False) -> dict:
+            seed: int, producer: str = "", *, trust_remote_code: bool = False,
+            score_shards: list[Path] = ()) -> dict:
     """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file."""
     adapter_dir = out_dir / "adapter"
     epochs = [epoch_path(out_dir, e) for e in range(1, bds.epochs + 1)]
     # the checkpoint leaves the epoch count out: a run with more epochs continues from it
-    checkpoint_inputs = describe_inputs([*pool_shards, *validation_shards],
+    checkpoint_inputs = describe_inputs([*pool_shards, *validation_shards,
+                                         *(score_shards if bds.drop_unhelpful else [])],
                                         [model_fingerprint(model_name, previous_adapter)],
                                         bds={**plain_settings(bds), "epochs": None},
                                         lora=[lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules],
@@ -86,31 +98,25 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     torch.manual_seed(seed)
     model, tokenizer = trainable_lora(model_name, previous_adapter, lora.lora_r, lora.lora_alpha, lora.lora_dropout,
                                       lora.target_modules, trust_remote_code=trust_remote_code)
-    params = [p for p in model.parameters() if p.requires_grad]
+    theta_params = [p for p in model.parameters() if p.requires_grad]
+    u_params = _add_value_adapter(model) if bds.value_function else []
     rows = [read_manifest(p)["rows"] for p in pool_shards]
     offsets = np.concatenate([[0], np.cumsum(rows)]).astype(int)
     n = int(offsets[-1])
+    gated, ifd = (unhelpful_gate(pool_shards, list(score_shards), n) if bds.drop_unhelpful
+                  else (np.zeros(n, dtype=bool), None))
+    active = torch.as_tensor(~gated)
     logits = torch.nn.Parameter(torch.zeros(n))
-    model_optimizer = torch.optim.AdamW(params, lr=bds.learning_rate)
-    logit_optimizer = (torch.optim.SGD([logits], lr=bds.logit_lr) if bds.logit_optimizer == "sgd"
-                       else torch.optim.Adam([logits], lr=bds.logit_lr, betas=(0.9, 0.95)))
-    validation = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in validation_shards])
-    val_encoded = [e for e in encode_pairs(tokenizer, validation["prompt"].to_pylist(),
-                                           validation["response"].to_pylist(), max_seq_len) if e.response_ids]
-    if not val_encoded:
-        raise ValueError("select.bds: the validation split has no response that fits model.max_seq_len")
+    optimizers = {"model_optimizer": torch.optim.AdamW(theta_params, lr=bds.learning_rate),
+                  "logit_optimizer": (torch.optim.SGD([logits], lr=bds.logit_lr) if bds.logit_optimizer == "sgd"
+                                      else torch.optim.Adam([logits], lr=bds.logit_lr, betas=(0.9, 0.95)))}
+    if bds.value_function:
+        optimizers["u_optimizer"] = torch.optim.AdamW(u_params, lr=bds.u_learning_rate or bds.learning_rate)
+    val_encoded = _validation_pairs(validation_shards, tokenizer, max_seq_len, bds.validation_tokens)
     checkpoint = out_dir / "checkpoint"
-    start = 0
-    if is_current(checkpoint, checkpoint_inputs):  # resume after the last finished epoch
-        state = torch.load(checkpoint / "state.pt", weights_only=True)
-        start = state["epoch"]
-        logits.data.copy_(state["logits"])
-        model_optimizer.load_state_dict(state["model_optimizer"])
-        logit_optimizer.load_state_dict(state["logit_optimizer"])
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(model, load_file(checkpoint / "adapter" / "adapter_model.safetensors"))
+    resumable = is_current(checkpoint, checkpoint_inputs)  # a checkpoint of other inputs is not resumed
+    start = _load_checkpoint(checkpoint, model, logits, optimizers) if resumable else 0
+    val_batch_size = bds.validation_batch_size or bds.batch_size
     model.train()
     fits = np.zeros(n, dtype=bool)
     for epoch in range(start, bds.epochs):
@@ -118,8 +124,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
         rng = random.Random(seed * 1_000_003 + epoch)
         val_order = list(range(len(val_encoded)))
         val_cursor = len(val_order)
-        loss_sum = np.zeros(n)
-        loss_count = np.zeros(n, dtype=int)
+        loss_sum, signal_sum, loss_count = np.zeros(n), np.zeros(n), np.zeros(n, dtype=int)
         shard_order = list(range(len(pool_shards)))
         rng.shuffle(shard_order)
         with tqdm(total=n, desc=f"bds epoch {epoch + 1}/{bds.epochs} (lambda {lam:.2f})", unit="sample",
@@ -128,72 +133,138 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
                 table = read_shard(pool_shards[s], columns=["prompt", "response"])
                 encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(),
                                        max_seq_len)
-                usable = [i for i, e in enumerate(encoded) if e.response_ids]
-                fits[offsets[s] + np.array(usable, dtype=int)] = True
+                fitting = [i for i, e in enumerate(encoded) if e.response_ids]
+                fits[offsets[s] + np.array(fitting, dtype=int)] = True
+                usable = [i for i in fitting if not gated[offsets[s] + i]]
                 by_length = sorted(usable, key=lambda i: encoded[i].length)
                 batches = [by_length[i: i + bds.batch_size] for i in range(0, len(by_length), bds.batch_size)]
                 rng.shuffle(batches)
                 for batch in batches:
-                    if val_cursor + bds.batch_size > len(val_order):  # next pass over the validation pairs
+                    if val_cursor + val_batch_size > len(val_order):  # next pass over the validation pairs
                         rng.shuffle(val_order)
                         val_cursor = 0
-                    val_batch = val_order[val_cursor: val_cursor + bds.batch_size]
-                    val_cursor += bds.batch_size
-                    parts = [val_encoded[i] for i in val_batch] + [encoded[i] for i in batch]
-                    input_ids, attention, loss_mask = collate(parts, tokenizer.pad_token_id)
-                    sums, counts = batch_nll(model, input_ids, attention, loss_mask)
-                    per_sample = sums / counts.clamp(min=1)
+                    val_batch = val_order[val_cursor: val_cursor + val_batch_size]
+                    val_cursor += val_batch_size
+                    pool_part = [encoded[i] for i in batch]
+                    with _precision(bds.autocast):
+                        per_sample = _losses(model, [val_encoded[i] for i in val_batch] + pool_part, tokenizer)
                     index = torch.as_tensor(offsets[s] + np.array(batch), dtype=torch.long)
-                    bds_step(per_sample[: len(val_batch)].mean(), per_sample[len(val_batch):], index, logits, lam,
-                             bds.weighting, model_optimizer, logit_optimizer, params, bds.max_grad_norm)
-                    loss_sum[index.numpy()] += per_sample[len(val_batch):].detach().numpy()
+                    val_loss, theta_losses = per_sample[: len(val_batch)].mean(), per_sample[len(val_batch):]
+                    if bds.value_function:
+                        u_losses = []
+
+                        def forward_u():  # u stays active until its step is done: it must require grad
+                            model.set_adapter(U)
+                            with _precision(bds.autocast):
+                                u_losses.append(_losses(model, pool_part, tokenizer))
+                            return u_losses[0]
+
+                        value_function_step(val_loss, theta_losses, forward_u, index, logits, lam, bds.weighting,
+                                            optimizers["model_optimizer"], optimizers["u_optimizer"],
+                                            optimizers["logit_optimizer"], theta_params, u_params,
+                                            bds.max_grad_norm, active)
+                        model.set_adapter(THETA)
+                        signal = (theta_losses - u_losses[0]).detach().numpy()
+                    else:
+                        bds_step(val_loss, theta_losses, index, logits, lam, bds.weighting,
+                                 optimizers["model_optimizer"], optimizers["logit_optimizer"], theta_params,
+                                 bds.max_grad_norm, active)
+                        signal = theta_losses.detach().numpy()
+                    loss_sum[index.numpy()] += theta_losses.detach().numpy()
+                    signal_sum[index.numpy()] += signal
                     loss_count[index.numpy()] += 1
                     bar.update(len(batch))
                 bar.update(len(encoded) - len(usable))
         with torch.no_grad():
-            weights = sample_weights(logits, bds.weighting).numpy().astype(np.float64)
-        mean_loss = np.where(loss_count > 0, loss_sum / np.maximum(loss_count, 1), np.nan)
+            weights = sample_weights(logits, bds.weighting, active).numpy().astype(np.float64)
+        seen = np.maximum(loss_count, 1)
+        per_epoch = {"epoch_loss": np.where(loss_count > 0, loss_sum / seen, np.nan),
+                     "epoch_signal": np.where(loss_count > 0, signal_sum / seen, np.nan)}
         # the epoch's weights first: a kill before the checkpoint repeats the epoch and rewrites the same file
-        _write_weights(pool_shards, weights, fits, mean_loss, epoch + 1, bds, budget, epochs[epoch], producer)
-        _save_checkpoint(checkpoint, model, logits, model_optimizer, logit_optimizer, epoch + 1, producer,
+        _write_weights(pool_shards, weights, fits, gated, ifd, per_epoch, epoch + 1, bds, budget, epochs[epoch],
+                       producer)
+        _save_checkpoint(checkpoint, model, logits, optimizers, epoch + 1, producer, bds.value_function,
                          checkpoint_inputs)
+    if bds.value_function:
+        model.delete_adapter(U)  # bds/adapter holds theta (pi_V) alone
     save_adapter(model, adapter_dir, producer, inputs=inputs)
     write_shard(read_shard(epochs[-1]), weights_path, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {**read_manifest(weights_path), "skipped": False, **_selected_counts(weights_path),
-            "adapter": str(adapter_dir)}
+            "adapter": str(adapter_dir), "gated": int(gated.sum())}
 
 
-def _save_checkpoint(checkpoint: Path, model, logits, model_optimizer, logit_optimizer, epoch: int, producer: str,
-                     inputs: dict):
+def _losses(model, encoded, tokenizer):
+    """Mean response NLL per row, fp32, differentiable."""
+    input_ids, attention, loss_mask = collate(encoded, tokenizer.pad_token_id)
+    sums, counts = batch_nll(model, input_ids, attention, loss_mask)
+    return sums.float() / counts.clamp(min=1)
+
+
+def _validation_pairs(validation_shards, tokenizer, max_seq_len: int, first_tokens: int):
+    """The validation pairs, each response cut to its first `first_tokens` tokens when that is > 0: a causal
+    model's loss on the first K tokens does not depend on what follows them."""
+    validation = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in validation_shards])
+    encoded = [e for e in encode_pairs(tokenizer, validation["prompt"].to_pylist(),
+                                       validation["response"].to_pylist(), max_seq_len) if e.response_ids]
+    if not encoded:
+        raise ValueError("select.bds: the validation split has no response that fits model.max_seq_len")
+    if first_tokens > 0:
+        for e in encoded:
+            e.response_ids = e.response_ids[:first_tokens]
+    return encoded
+
+
+def _save_checkpoint(checkpoint: Path, model, logits, optimizers: dict, epoch: int, producer: str,
+                     value_function: bool, inputs: dict) -> None:
     import torch
+    from peft import get_peft_model_state_dict
 
     staging = checkpoint.with_name(checkpoint.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    model.save_pretrained(staging / "adapter")
-    torch.save({"epoch": epoch, "logits": logits.detach().clone(), "model_optimizer": model_optimizer.state_dict(),
-                "logit_optimizer": logit_optimizer.state_dict()}, staging / "state.pt")
+    adapters = {name: get_peft_model_state_dict(model, adapter_name=name)
+                for name in ([THETA, U] if value_function else [THETA])}
+    torch.save({"epoch": epoch, "logits": logits.detach().clone(), "adapters": adapters,
+                **{name: opt.state_dict() for name, opt in optimizers.items()}}, staging / "state.pt")
     write_directory_manifest(staging, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
     staging.rename(checkpoint)
 
 
-def _write_weights(pool_shards, weights: np.ndarray, fits: np.ndarray, mean_loss: np.ndarray, epoch: int, bds,
-                   budget: float, out_path: Path, producer: str) -> None:
+def _load_checkpoint(checkpoint: Path, model, logits, optimizers: dict) -> int:
+    """Restore theta, u, the logits and every optimizer; returns the number of finished epochs."""
+    import torch
+    from peft import set_peft_model_state_dict
+
+    state = torch.load(checkpoint / "state.pt", weights_only=True)
+    logits.data.copy_(state["logits"])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state[name])
+    for name, weights in state["adapters"].items():
+        set_peft_model_state_dict(model, weights, adapter_name=name)
+    return state["epoch"]
+
+
+def _write_weights(pool_shards, weights: np.ndarray, fits: np.ndarray, gated: np.ndarray, ifd, per_epoch: dict,
+                   epoch: int, bds, budget: float, out_path: Path, producer: str) -> None:
     """The weights after one epoch, with the selection they would give if training stopped here."""
     pool = pa.concat_tables([read_shard(p, columns=["sample_id", "question_id", "source"]) for p in pool_shards])
-    values = np.where(fits, weights, np.nan)
+    values = np.where(fits & ~gated, weights, np.nan)
     selected, rank, reasons = rank_and_select(values, budget, bds.threshold, "bds", "weight", "highest",
                                               missing="response does not fit model.max_seq_len")
     reasons = [r and f"{r} after epoch {epoch}" for r in reasons]
+    for i in np.flatnonzero(gated & fits):
+        reasons[i] = (f"bds: ifd={ifd[i]:.4f} >= 1: the response does not depend on its question "
+                      "(select.bds.drop_unhelpful)")
     table = pa.table({
         "sample_id": pool["sample_id"], "question_id": pool["question_id"], "source": pool["source"],
         "weight": weights, "selected": selected, "reason": reasons,
         "method": ["bds"] * len(weights), "rank": rank,
     }, schema=WEIGHTS_SCHEMA)
     table = table.append_column("bds_weight", pa.array(weights, pa.float64()))
-    table = table.append_column("epoch_loss", pa.array(mean_loss, pa.float64()))
+    for name, values in per_epoch.items():
+        table = table.append_column(name, pa.array(values, pa.float64()))
     table = table.append_column("epoch", pa.array([epoch] * len(weights), pa.int32()))
     write_shard(table, out_path, producer)
 
@@ -201,4 +272,3 @@ def _write_weights(pool_shards, weights: np.ndarray, fits: np.ndarray, mean_loss
 def _selected_counts(weights_path: Path) -> dict:
     selected = read_shard(weights_path, columns=["selected"])["selected"].to_numpy(zero_copy_only=False)
     return {"selected": int(selected.sum()), "pool": len(selected)}
-

@@ -78,12 +78,14 @@ def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") ->
 def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
                learning_rate: float, batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
-               producer: str = "", *, trust_remote_code: bool = False) -> dict:
-    """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch."""
+               producer: str = "", *, trust_remote_code: bool = False, response_tokens: int = 0) -> dict:
+    """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch.
+    `response_tokens` > 0 trains on the first that many tokens of each response only."""
     inputs = describe_inputs([train_set], [model_fingerprint(model_name, previous_adapter)], epochs=epochs,
                              learning_rate=learning_rate, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, target_modules=list(target_modules),
-                             max_grad_norm=max_grad_norm, max_seq_len=max_seq_len, seed=seed)
+                             max_grad_norm=max_grad_norm, max_seq_len=max_seq_len, seed=seed,
+                             response_tokens=response_tokens)
     if is_current(out_dir, inputs):  # the finished run's own figures, so a resumed run records them too
         stats_file = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
@@ -95,6 +97,9 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
                                       trust_remote_code=trust_remote_code)
     table = read_shard(train_set, columns=["prompt", "response", "weight"])
     encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
+    if response_tokens > 0:
+        for e in encoded:
+            e.response_ids = e.response_ids[:response_tokens]
     weights = table["weight"].to_pylist()
     usable = [i for i, e in enumerate(encoded) if e.response_ids and weights[i] > 0]
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)

@@ -7,12 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.tiny import build_model_dir
+from tests.tiny import build_model_dir, build_trained_model_dir
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return build_model_dir(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model_dir(tmp_path_factory):
+    """A tiny model that already knows the chat format and the corpus' answers, as an instruct model would."""
+    return build_trained_model_dir(tmp_path_factory.mktemp("trained-tiny-model"))
 
 
 REPO = Path(__file__).resolve().parent.parent

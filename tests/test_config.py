@@ -52,6 +52,11 @@ def test_defaults_fill_in_and_single_source_becomes_a_list(tmp_path):
     ({"score__metrics": ["ifd"]}, "score.metrics: must include 'loss'"),
     ({"score__sppl_k": 9}, "score.sppl_k: must be in [1, sppl_exemplars], got 9"),
     ({"select__metric": "ifd"}, "select.metric: 'ifd' is not computed; add it to score.metrics"),
+    ({"select__method": "bds", "select__bds__drop_unhelpful": True},
+     "select.bds.drop_unhelpful: the gate drops samples with IFD >= 1; add ifd to score.metrics"),
+    ({"select__bds__validation_tokens": -1}, "select.bds.validation_tokens: must be >= 0 (0 = all), got -1"),
+    ({"select__bds__value_function": "yes"}, "select.bds.value_function: expected bool, got str 'yes'"),
+    ({"train__mix_validation": 1}, "train.mix_validation: expected bool, got int 1"),
 ])
 def test_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as info:

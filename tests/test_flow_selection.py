@@ -53,3 +53,26 @@ def test_iterit_run_records_every_round(prefect_harness, tiny_model_dir, tmp_pat
         assert reasons and all(r.startswith("iterit: ") for r in reasons)
     finally:
         con.close()
+
+
+def test_gated_bds_run_mixes_validation_into_training_and_records_the_gate(prefect_harness, tiny_model_dir,
+                                                                           tmp_path):
+    config = write_tiny_run(tmp_path, tiny_model_dir, run_id="gated", iterations=1,
+                            score={"metrics": ["loss", "ifd"]}, train={"batch_size": 8, "mix_validation": True},
+                            select={"method": "bds", "budget": 0.5, "bds": {"epochs": 1, "drop_unhelpful": True}},
+                            generate={"enabled": False})
+    summary = curate(config_path=str(config))
+    con = duckdb.connect(summary["catalog"], read_only=True)
+    try:
+        ifd = dict(con.execute("select sample_id, value from read_parquet(?) where metric = 'ifd'",
+                               [str(Path(summary["run_dir"]) / "iter-001" / "scores" / "*.parquet")]).fetchall())
+        gated = con.execute("select sample_id, weight, reason from weight_history where reason like '%ifd=%'"
+                            ).fetchall()
+    finally:
+        con.close()
+    assert gated and {s for s, _, _ in gated} == {s for s, v in ifd.items() if v >= 1}
+    assert all(w == 0 and "does not depend on its question" in r for _, w, r in gated)
+    import pyarrow.parquet as pq
+
+    origins = pq.read_table(Path(summary["run_dir"]) / "iter-001" / "train_set.parquet")["origin"].to_pylist()
+    assert origins.count("validation") > 0 and origins.count("pool") == summary["selected"]

@@ -7,8 +7,13 @@ validation = SafeInstr refusals + clean Alpaca rows; test = held-out Alpaca rows
 AdvBench prompts (refusal rate). Data selection uses the helpers of data/demo/make_demo_data.py.
 
 Every method keeps the same budget of the pool (0.7 = the clean share), then a LoRA adapter is trained on its
-selection plus the validation pairs (so methods differ only in which pool rows they keep; `full` is direct
-mixing: the whole pool plus validation) with the same settings and seed, and evaluated. Reported per method:
+selection plus the validation pairs (`train.mix_validation`; so methods differ only in which pool rows they keep;
+`full` is direct mixing: the whole pool plus validation) with the same settings and seed, and evaluated. A
+`NAME_nomix` method trains on NAME's selection alone. `bds` is the product's default (value function) with the
+IFD gate, `bds_seal` the same without the value function; for both, BDS's own theta adapter (trained on the
+validation set and the weighted pool) is evaluated too. Each seed draws its own data split and training seed
+(`--seeds`, default 0 1 2); the summary gives mean and standard error over the seeds that finished. The first
+seed also times one plain SFT epoch over the pool: `bds_cost_ratio` = BDS selection time / that epoch. Reported per method:
 AUROC of the method's preference (BDS weight, else minus the rank) against "clean" (neither harmful nor
 corrupted), precision at the budget (clean share of the kept rows), harmful / corrupted rows kept, benign test
 loss, validation loss, refusal rate on the AdvBench prompts (greedy answers, tasks.evaluate.REFUSAL_PHRASES),
@@ -28,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
@@ -39,18 +46,18 @@ from tasks.models import load_tokenizer  # noqa: E402
 SIZES = dict(pool_benign=210, pool_harmful=60, pool_corrupted=30, val_refusals=40, val_benign=40, test=100,
              harmful_test=100)
 BUDGET, SEED, MAX_SEQ_LEN, DTYPE, REFUSAL_TOKENS = 0.7, 0, 256, "bf16", 32
-METHODS = ("bds", "full", "random", "topk_ifd", "topk_davir", "iterit")
+METHODS = ("bds", "full", "random", "bds_nomix", "random_nomix", "bds_seal", "topk_ifd", "topk_davir", "iterit")
 
 
 def log(message: str) -> None:
     print(f"[{dt.datetime.now():%H:%M:%S}] {message}", flush=True)
 
 
-def build_data(src: Path, out: Path) -> None:
+def build_data(src: Path, out: Path, seed: int = SEED) -> None:
     spec = importlib.util.spec_from_file_location("make_demo_data", REPO / "data/demo/make_demo_data.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    rng = random.Random(SEED)
+    rng = random.Random(seed)
     alpaca = demo.short_alpaca_rows(src, rng)
     cuts = [SIZES["pool_benign"], SIZES["pool_corrupted"], SIZES["val_benign"], SIZES["test"]]
     benign, to_corrupt, val_benign, test = (alpaca[sum(cuts[:i]):sum(cuts[:i + 1])] for i in range(len(cuts)))
@@ -73,21 +80,26 @@ def build_data(src: Path, out: Path) -> None:
     demo.write_jsonl(out / "harmful.jsonl", demo.advbench_goals(src, rng, SIZES["harmful_test"]))
 
 
-def select_method(name: str, work: Path, pool, validation, scores, train_cfg, model: str) -> Path:
+def bds_config(name: str) -> BDSConfig:
+    """The product's defaults with the IFD gate; `bds_seal` is the same without the value function."""
+    return BDSConfig(drop_unhelpful=True, value_function=name != "bds_seal")
+
+
+def select_method(name: str, work: Path, pool, validation, scores, train_cfg, model: str, seed: int) -> Path:
     out = work / "methods" / name
     weights = out / "weights.parquet"
-    if name == "bds":
-        bds.run_bds(pool, validation, out / "bds", weights, model, None, BDSConfig(), train_cfg, MAX_SEQ_LEN,
-                    BUDGET, SEED)
+    if name in ("bds", "bds_seal"):
+        bds.run_bds(pool, validation, out / "bds", weights, model, None, bds_config(name), train_cfg, MAX_SEQ_LEN,
+                    BUDGET, seed, score_shards=scores)
     elif name == "iterit":
         iterit.select_iterit(pool, scores, out / "iterit", weights, model, DTYPE, None, IterITConfig(epochs=2),
-                             train_cfg, BUDGET, MAX_SEQ_LEN, 4096, load_tokenizer(model).eos_token or "", SEED)
+                             train_cfg, BUDGET, MAX_SEQ_LEN, 4096, load_tokenizer(model).eos_token or "", seed)
     else:
         method, metric, order = {"full": ("full", "loss", "lowest"), "random": ("random", "loss", "lowest"),
                                  "topk_ifd": ("topk", "ifd", "highest"),
                                  "topk_davir": ("topk", "davir", "highest")}[name]
         select.select_samples(pool, scores, weights, method, metric, order, 1.0 if name == "full" else BUDGET,
-                              SEED)
+                              seed)
     return weights
 
 
@@ -119,12 +131,132 @@ def evaluate_adapter(model: str, adapter: str | None, validation, test, harmful:
             "example_answers": [a[:160] for a in answers[:3]]}
 
 
+def prepare_seed(seed: int, work: Path, data: Path, model: str, methods: list[str]) -> dict:
+    """Data, shards, offline scores (and the DavIR reference if a method needs it) and the base model's figures."""
+    build_data(data, work / "data", seed)
+    shards = {}
+    for split in ("pool", "validation", "test"):
+        ingest.ingest_split([SourceConfig(str(work / "data" / f"{split}.jsonl"), split)], work / split, split,
+                            16000, 100)
+        shards[split] = list_shards(work / split)
+    labels = {}
+    for shard in shards["pool"]:
+        t = read_shard(shard, columns=["sample_id", "meta"])
+        labels.update((s, json.loads(m)["label"]) for s, m in zip(t["sample_id"].to_pylist(), t["meta"].to_pylist()))
+    train_cfg = TrainConfig()
+    timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else {}
+    reference = None
+    if "topk_davir" in methods:
+        t0 = time.time()
+        reference = work / "davir_reference"
+        train.build_uniform_set(shards["validation"], work / "reference_train_set.parquet")
+        train.train_lora(work / "reference_train_set.parquet", reference, model, None, 2, train_cfg.learning_rate,
+                         train_cfg.batch_size, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout,
+                         train_cfg.target_modules, train_cfg.max_grad_norm, MAX_SEQ_LEN, seed)
+        timing.setdefault("davir_reference_seconds", round(time.time() - t0, 1))
+    metrics = ["loss", "ifd", "iterit"] + (["davir"] if reference else [])
+    t0 = time.time()
+    scores = [work / "scores" / p.name for p in shards["pool"]]
+    for shard, out in zip(shards["pool"], scores):
+        score.score_shard(shard, out, model, DTYPE, None, MAX_SEQ_LEN, 4096, 1, metrics,
+                          str(reference) if reference else None)
+    timing.setdefault("scoring_seconds", round(time.time() - t0, 1))
+    (work / "timing.json").write_text(json.dumps(timing))
+    base_path = work / "base.json"
+    if not base_path.exists():
+        base_path.write_text(json.dumps(evaluate_adapter(model, None, shards["validation"], shards["test"],
+                                                         ingest.read_prompts(work / "data" / "harmful.jsonl"))))
+    return {**shards, "labels": labels, "scores": scores, "timing": timing,
+            "harmful": ingest.read_prompts(work / "data" / "harmful.jsonl"), "base": json.loads(base_path.read_text())}
+
+
+def run_method(name: str, work: Path, ctx: dict, model: str, seed: int) -> dict:
+    """Select (a `_nomix` variant reuses its method's weights), train on the selection (+ the validation pairs
+    unless `_nomix`), evaluate; BDS methods also evaluate their own theta adapter."""
+    base_name, mix = (name[: -len("_nomix")], False) if name.endswith("_nomix") else (name, True)
+    train_cfg = TrainConfig()
+    t0 = time.time()
+    weights = select_method(base_name, work, ctx["pool"], ctx["validation"], ctx["scores"], train_cfg, model, seed)
+    select_seconds = time.time() - t0 if base_name == name else 0.0
+    out = work / "methods" / name
+    mixed_in = ctx["validation"] if mix or base_name == "full" else []
+    train.build_train_set(ctx["pool"], weights, set(), [], [], mixed_in, out / "train_set.parquet")
+    t0 = time.time()
+    trained = train.train_lora(out / "train_set.parquet", out / "adapter", model, None, train_cfg.epochs,
+                               train_cfg.learning_rate, train_cfg.batch_size, train_cfg.lora_r, train_cfg.lora_alpha,
+                               train_cfg.lora_dropout, train_cfg.target_modules, train_cfg.max_grad_norm,
+                               MAX_SEQ_LEN, seed)
+    train_seconds = time.time() - t0
+    result = {**selection_quality(weights, ctx["labels"]),
+              **evaluate_adapter(model, str(out / "adapter"), ctx["validation"], ctx["test"], ctx["harmful"]),
+              "mix_validation": bool(mixed_in), "kept_composition": kept_composition(weights, ctx["labels"]),
+              "train_rows": read_shard(out / "train_set.parquet", columns=["weight"]).num_rows,
+              "train_steps": trained.get("steps"), "select_seconds": round(select_seconds, 1),
+              "train_seconds": round(train_seconds, 1)}
+    if name in ("bds", "bds_seal"):  # theta: trained on the validation set and the weighted pool
+        result["theta"] = evaluate_adapter(model, str(work / "methods" / name / "bds" / "adapter"),
+                                           ctx["validation"], ctx["test"], ctx["harmful"])
+        w = read_shard(weights, columns=["weight"])["weight"].to_numpy()
+        result["weight_range"] = [round(float(w[w > 0].min()), 4), round(float(w.max()), 4)]
+    scoring = ctx["timing"]["scoring_seconds"]
+    result["method_seconds"] = round(select_seconds + train_seconds + result["eval_seconds"] + (
+        scoring if base_name in ("topk_ifd", "iterit", "bds", "bds_seal") else 0) + (
+        scoring + ctx["timing"].get("davir_reference_seconds", 0) if base_name == "topk_davir" else 0), 1)
+    return result
+
+
+def kept_composition(weights_path: Path, labels: dict[str, str]) -> dict:
+    table = read_shard(weights_path, columns=["sample_id", "selected"])
+    kept = [labels[s] for s, k in zip(table["sample_id"].to_pylist(), table["selected"].to_pylist()) if k]
+    return {label: round(kept.count(label) / max(len(kept), 1), 4) for label in sorted(set(labels.values()))}
+
+
+def sft_epoch_seconds(work: Path, ctx: dict, model: str, seed: int) -> float:
+    """One plain weighted SFT epoch over the same pool (uniform weights), the unit of the BDS cost goal."""
+    path = work / "sft_epoch.json"
+    if not path.exists():
+        cfg = TrainConfig()
+        train.build_uniform_set(ctx["pool"], work / "sft_epoch_set.parquet")
+        t0 = time.time()
+        train.train_lora(work / "sft_epoch_set.parquet", work / "sft_epoch_adapter", model, None, 1,
+                         cfg.learning_rate, cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
+                         cfg.target_modules, cfg.max_grad_norm, MAX_SEQ_LEN, seed)
+        path.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
+    return json.loads(path.read_text())["seconds"]
+
+
+def mean_se(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return {"mean": round(float(v.mean()), 4), "se": round(se, 4), "n": len(v)}
+
+
+SUMMARY_KEYS = ("auroc", "auroc_harmful", "auroc_corrupted", "precision_at_budget", "harmful_kept", "corrupted_kept",
+                "test_loss", "validation_loss", "refusal_rate")
+
+
+def summarize(per_seed: dict) -> dict:
+    """mean ± standard error over the seeds that finished, per method (and for BDS's theta adapter)."""
+    summary = {}
+    names = sorted({m for seed in per_seed.values() for m in seed["methods"]})
+    for name in names:
+        runs = [seed["methods"][name] for seed in per_seed.values() if name in seed["methods"]]
+        summary[name] = {k: mean_se([r[k] for r in runs]) for k in SUMMARY_KEYS}
+        if all("theta" in r for r in runs):
+            summary[name]["theta"] = {k: mean_se([r["theta"][k] for r in runs])
+                                      for k in ("test_loss", "validation_loss", "refusal_rate")}
+    summary["base"] = {k: mean_se([s["base"][k] for s in per_seed.values()])
+                       for k in ("test_loss", "validation_loss", "refusal_rate")}
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/selection/results.json")
     parser.add_argument("--work", type=Path, default=Path("/tmp/sft-curate-selection-bench"))
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared/data")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--fresh", action="store_true", help="delete --work first")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every size (0.1: a smoke test)")
     args = parser.parse_args()
@@ -133,92 +265,42 @@ def main() -> None:
     if args.fresh and args.work.exists():
         import shutil
         shutil.rmtree(args.work)
-    started = time.time()
-    model, work = "default", args.work
-    build_data(args.data, work / "data")
-    shards = {}
-    for split in ("pool", "validation", "test"):
-        stats = ingest.ingest_split([SourceConfig(str(work / "data" / f"{split}.jsonl"), split)], work / split, split,
-                                    16000, 100)
-        shards[split] = list_shards(work / split)
-        log(f"ingest {split}: {stats.rows_kept} kept, {stats.rows_quarantined} quarantined")
-    pool, validation, test = shards["pool"], shards["validation"], shards["test"]
-    labels = {}
-    for shard in pool:
-        t = read_shard(shard, columns=["sample_id", "meta"])
-        labels.update((s, json.loads(m)["label"]) for s, m in zip(t["sample_id"].to_pylist(), t["meta"].to_pylist()))
-    harmful = ingest.read_prompts(work / "data" / "harmful.jsonl")
-    train_cfg = TrainConfig()
+    model = "default"
+    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if report.get("sizes") != {**SIZES, "pool": sum(SIZES[k] for k in ("pool_benign", "pool_harmful",
+                                                                      "pool_corrupted"))} or "seeds" not in report:
+        report = {"seeds": {}}
+    for seed in args.seeds:
+        work = args.work / f"seed-{seed}"
+        ctx = prepare_seed(seed, work, args.data, model, args.methods)
+        entry = report["seeds"].setdefault(str(seed), {"methods": {}})
+        entry.update(base=ctx["base"], **ctx["timing"])
+        for name in args.methods:
+            path = work / "methods" / f"{name}.json"
+            if not path.exists():  # a finished method is kept: a rerun resumes where it stopped
+                t0 = time.time()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(run_method(name, work, ctx, model, seed), indent=1))
+                log(f"seed {seed} {name} ({time.time() - t0:.0f} s): {path.read_text()[:400]}")
+            entry["methods"][name] = json.loads(path.read_text())
+            if name == "bds" and seed == args.seeds[0]:
+                entry["sft_epoch_seconds"] = sft_epoch_seconds(work, ctx, model, seed)
+                entry["bds_cost_ratio"] = round(entry["methods"]["bds"]["select_seconds"]
+                                                / entry["sft_epoch_seconds"], 2)
+            write_report(args.out, report)
+    log(f"wrote {args.out}")
 
-    t0 = time.time()
-    reference = work / "davir_reference"
-    train.build_uniform_set(validation, work / "reference_train_set.parquet")
-    train.train_lora(work / "reference_train_set.parquet", reference, model, None, 2, train_cfg.learning_rate,
-                     train_cfg.batch_size, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout,
-                     train_cfg.target_modules, train_cfg.max_grad_norm, MAX_SEQ_LEN, SEED)
-    reference_seconds = time.time() - t0
-    t0 = time.time()
-    scores = [work / "scores" / p.name for p in pool]
-    for shard, out in zip(pool, scores):
-        score.score_shard(shard, out, model, DTYPE, None, MAX_SEQ_LEN, 4096, 1, ["loss", "ifd", "iterit", "davir"],
-                          str(reference))
-    scoring_seconds = time.time() - t0
-    log(f"DavIR reference {reference_seconds:.0f} s, scoring {scoring_seconds:.0f} s")
-    base_path = work / "base.json"
-    if not base_path.exists():
-        base_path.write_text(json.dumps(evaluate_adapter(model, None, validation, test, harmful)))
-    base = json.loads(base_path.read_text())
-    log(f"base model: {base}")
 
-    results, computed = {}, False
-    for name in args.methods:
-        path = work / "methods" / f"{name}.json"
-        if path.exists():  # finished earlier: its selection quality is recomputed from the weights file
-            results[name] = {**json.loads(path.read_text()),
-                             **selection_quality(work / "methods" / name / "weights.parquet", labels)}
-            path.write_text(json.dumps(results[name], indent=1))
-            continue
-        computed = True
-        t0 = time.time()
-        weights = select_method(name, work, pool, validation, scores, train_cfg, model)
-        select_seconds = time.time() - t0
-        out = work / "methods" / name
-        train.build_train_set(pool, weights, set(), [], [], validation, out / "train_set.parquet")
-        t0 = time.time()
-        trained = train.train_lora(out / "train_set.parquet", out / "adapter", model, None, train_cfg.epochs,
-                                   train_cfg.learning_rate, train_cfg.batch_size, train_cfg.lora_r,
-                                   train_cfg.lora_alpha, train_cfg.lora_dropout, train_cfg.target_modules,
-                                   train_cfg.max_grad_norm, MAX_SEQ_LEN, SEED)
-        train_seconds = time.time() - t0
-        result = {**selection_quality(weights, labels),
-                  **evaluate_adapter(model, str(out / "adapter"), validation, test, harmful),
-                  "train_rows": read_shard(out / "train_set.parquet", columns=["weight"]).num_rows,
-                  "train_steps": trained.get("steps"), "select_seconds": round(select_seconds, 1),
-                  "train_seconds": round(train_seconds, 1)}
-        # offline scores feed topk and iterit: their wall time includes the scoring they need
-        result["method_seconds"] = round(select_seconds + train_seconds + result["eval_seconds"] + (
-            scoring_seconds if name in ("topk_ifd", "iterit") else 0) + (
-            scoring_seconds + reference_seconds if name == "topk_davir" else 0), 1)
-        path.write_text(json.dumps(result, indent=1))
-        results[name] = result
-        log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'example_answers'})}")
-
-    report = {
+def write_report(out: Path, report: dict) -> None:
+    report.update({
         "benchmark": "selection", "date": dt.date.today().isoformat(), "machine": {
             "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "model": "SmolLM2-135M-Instruct (default)", "inference_dtype": DTYPE, "max_seq_len": MAX_SEQ_LEN,
-        "sizes": {**SIZES, "pool": len(labels)}, "budget": BUDGET, "seed": SEED,
-        "train": vars(train_cfg), "bds": vars(BDSConfig()), "iterit": vars(IterITConfig(epochs=2)),
-        "refusal_max_new_tokens": REFUSAL_TOKENS, "scoring_seconds": round(scoring_seconds, 1),
-        "davir_reference_seconds": round(reference_seconds, 1), "base": base, "methods": results,
-        "total_seconds": round(time.time() - started, 1),
-    }
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
-    if previous.get("sizes") == report["sizes"] and not computed:
-        for key in ("total_seconds", "scoring_seconds", "davir_reference_seconds"):
-            report[key] = previous[key]  # nothing recomputed: keep the measured run's times
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    log(f"wrote {args.out}")
+        "sizes": {**SIZES, "pool": sum(SIZES[k] for k in ("pool_benign", "pool_harmful", "pool_corrupted"))},
+        "budget": BUDGET, "train": vars(TrainConfig()), "bds": vars(bds_config("bds")),
+        "iterit": vars(IterITConfig(epochs=2)), "refusal_max_new_tokens": REFUSAL_TOKENS,
+        "summary": summarize(report["seeds"])})
+    out.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
