@@ -28,11 +28,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks/selection"))
 
-from run import DTYPE, MAX_SEQ_LEN, kept_composition, log, mean_se, select_method  # noqa: E402
+from run import DTYPE, MAX_SEQ_LEN, ingest_splits, kept_composition, log, mean_se, select_method  # noqa: E402
 
-from flows.config import SourceConfig, TrainConfig  # noqa: E402
-from storage.shards import list_shards, read_shard  # noqa: E402
-from tasks import evaluate, ingest, score, train  # noqa: E402
+from flows.config import TrainConfig  # noqa: E402
+from storage.shards import read_shard  # noqa: E402
+from tasks import evaluate, score, train  # noqa: E402
 
 SIZES = dict(pool_alpaca=150, pool_gsm8k=120, pool_wrong=30, validation=60, test=100)
 BUDGET, EXACT_MATCH_TOKENS = 0.5, 160
@@ -87,15 +87,7 @@ def preference_auroc(weights_path: Path, labels: dict[str, str], against: str) -
 
 def run_seed(seed: int, work: Path, data: Path, methods: list[str], model: str = "default") -> dict:
     build_data(data, work / "data", seed)
-    shards = {}
-    for split in ("pool", "validation", "test"):
-        ingest.ingest_split([SourceConfig(str(work / "data" / f"{split}.jsonl"), split)], work / split, split,
-                            16000, 100)
-        shards[split] = list_shards(work / split)
-    labels = {}
-    for shard in shards["pool"]:
-        t = read_shard(shard, columns=["sample_id", "meta"])
-        labels.update((s, json.loads(m)["label"]) for s, m in zip(t["sample_id"].to_pylist(), t["meta"].to_pylist()))
+    shards, labels = ingest_splits(work)
     scores = [work / "scores" / p.name for p in shards["pool"]]
     for shard, out in zip(shards["pool"], scores):
         score.score_shard(shard, out, model, DTYPE, None, MAX_SEQ_LEN, 4096, 1, ["loss", "ifd"], None)

@@ -131,9 +131,8 @@ def evaluate_adapter(model: str, adapter: str | None, validation, test, harmful:
             "example_answers": [a[:160] for a in answers[:3]]}
 
 
-def prepare_seed(seed: int, work: Path, data: Path, model: str, methods: list[str]) -> dict:
-    """Data, shards, offline scores (and the DavIR reference if a method needs it) and the base model's figures."""
-    build_data(data, work / "data", seed)
+def ingest_splits(work: Path) -> tuple[dict, dict[str, str]]:
+    """Shards of WORK/data/{pool,validation,test}.jsonl, and each pool sample's ground-truth label."""
     shards = {}
     for split in ("pool", "validation", "test"):
         ingest.ingest_split([SourceConfig(str(work / "data" / f"{split}.jsonl"), split)], work / split, split,
@@ -143,6 +142,13 @@ def prepare_seed(seed: int, work: Path, data: Path, model: str, methods: list[st
     for shard in shards["pool"]:
         t = read_shard(shard, columns=["sample_id", "meta"])
         labels.update((s, json.loads(m)["label"]) for s, m in zip(t["sample_id"].to_pylist(), t["meta"].to_pylist()))
+    return shards, labels
+
+
+def prepare_seed(seed: int, work: Path, data: Path, model: str, methods: list[str]) -> dict:
+    """Data, shards, offline scores (and the DavIR reference if a method needs it) and the base model's figures."""
+    build_data(data, work / "data", seed)
+    shards, labels = ingest_splits(work)
     train_cfg = TrainConfig()
     timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else {}
     reference = None
