@@ -66,7 +66,7 @@ def _add_value_adapter(model):
     return u_params
 
 
-def unhelpful_gate(pool_shards: list[Path], score_shards: list[Path], n: int) -> tuple[np.ndarray, np.ndarray]:
+def unhelpful_gate(pool_shards: list[Path], score_shards: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """(gated, ifd): samples whose IFD is at least 1 are dropped before weighting."""
     scores = metric_values(score_shards, "ifd")
     ids = [s for p in pool_shards for s in read_shard(p, columns=["sample_id"])["sample_id"].to_pylist()]
@@ -103,7 +103,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     rows = [read_manifest(p)["rows"] for p in pool_shards]
     offsets = np.concatenate([[0], np.cumsum(rows)]).astype(int)
     n = int(offsets[-1])
-    gated, ifd = (unhelpful_gate(pool_shards, list(score_shards), n) if bds.drop_unhelpful
+    gated, ifd = (unhelpful_gate(pool_shards, list(score_shards)) if bds.drop_unhelpful
                   else (np.zeros(n, dtype=bool), None))
     active = torch.as_tensor(~gated)
     logits = torch.nn.Parameter(torch.zeros(n))
