@@ -98,11 +98,15 @@ class BDSConfig:
     validation_batch_size: int = 4  # validation pairs per step (beside batch_size pool pairs); 0 = batch_size
     drop_unhelpful: bool = False  # drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)
     autocast: bool = False  # bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses
+    # passes of theta over the validation pairs alone before the bilevel epochs (u stays at the start point), so
+    # l(theta) - l(u) is about the validation set from the first step instead of after it has been learned
+    warmup_epochs: int = 0
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
         _require(self.u_learning_rate >= 0, f"{where}.u_learning_rate", "must be >= 0 (0 = learning_rate)",
                  self.u_learning_rate)
+        _require(self.warmup_epochs >= 0, f"{where}.warmup_epochs", "must be >= 0", self.warmup_epochs)
         _require(self.validation_tokens >= 0, f"{where}.validation_tokens", "must be >= 0 (0 = all)",
                  self.validation_tokens)
         _require(self.validation_batch_size >= 0, f"{where}.validation_batch_size", "must be >= 0",

@@ -118,6 +118,8 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     start = _load_checkpoint(checkpoint, model, logits, optimizers) if resumable else 0
     val_batch_size = bds.validation_batch_size or bds.batch_size
     model.train()
+    if start == 0 and bds.warmup_epochs:
+        _warm_up(model, val_encoded, tokenizer, optimizers["model_optimizer"], theta_params, bds, seed)
     fits = np.zeros(n, dtype=bool)
     for epoch in range(start, bds.epochs):
         lam = max(bds.lambda0 - bds.lambda_decay * epoch, 0.0)
@@ -192,6 +194,23 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {**read_manifest(weights_path), "skipped": False, **_selected_counts(weights_path),
             "adapter": str(adapter_dir), "gated": int(gated.sum())}
+
+
+def _warm_up(model, val_encoded, tokenizer, optimizer, theta_params, bds, seed: int) -> None:
+    """theta alone learns the validation pairs for `bds.warmup_epochs` passes; a kill repeats the warm-up."""
+    import torch
+
+    rng = random.Random(seed * 1_000_003 - 1)
+    size = bds.validation_batch_size or bds.batch_size
+    for _ in tqdm(range(bds.warmup_epochs), desc="bds warm-up on the validation pairs", leave=False):
+        order = sorted(range(len(val_encoded)), key=lambda i: rng.random())
+        for i in range(0, len(order), size):
+            with _precision(bds.autocast):
+                loss = _losses(model, [val_encoded[j] for j in order[i: i + size]], tokenizer).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theta_params, bds.max_grad_norm)
+            optimizer.step()
 
 
 def _losses(model, encoded, tokenizer):

@@ -155,7 +155,7 @@ def _synthetic(tmp_path):
 BDS = SimpleNamespace(epochs=3, lambda0=0.5, lambda_decay=0.1, weighting="softmax", logit_optimizer="sgd",
                       logit_lr=0.1, learning_rate=1e-2, batch_size=4, max_grad_norm=1.0, threshold=0.0,
                       value_function=False, u_learning_rate=0.0, validation_tokens=0, validation_batch_size=0,
-                      drop_unhelpful=False, autocast=False)
+                      drop_unhelpful=False, autocast=False, warmup_epochs=0)
 VALUE_BDS = SimpleNamespace(**{**vars(BDS), "value_function": True, "logit_lr": 1.0})
 LORA = SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0,
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -330,3 +330,45 @@ def test_bf16_autocast_keeps_the_losses_and_the_selection(tmp_path, tiny_model_d
     assert auroc(b["weight"].to_numpy(), consistent) >= 0.9
     agree = np.mean(np.array(a["selected"].to_pylist()) == np.array(b["selected"].to_pylist()))
     assert agree >= 0.9
+
+
+def test_warm_up_teaches_theta_the_validation_pairs_and_leaves_u_at_the_start(tmp_path, tiny_model_dir):
+    from peft import get_peft_model_state_dict
+
+    from tasks.bds import THETA, U, _add_value_adapter, _losses, _validation_pairs, _warm_up
+    from tasks.train import trainable_lora
+
+    _, validation, _ = _synthetic(tmp_path)
+    torch.manual_seed(0)
+    model, tokenizer = trainable_lora(str(tiny_model_dir), None, 8, 16, 0.0, LORA.target_modules)
+    theta_params = [p for p in model.parameters() if p.requires_grad]
+    _add_value_adapter(model)
+    u_start = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=U).items()}
+    val = _validation_pairs(validation, tokenizer, 128, 0)
+    with torch.no_grad():
+        before = _losses(model, val, tokenizer).mean().item()
+    warm = SimpleNamespace(**{**vars(VALUE_BDS), "warmup_epochs": 3})
+    _warm_up(model, val, tokenizer, torch.optim.AdamW(theta_params, lr=1e-2), theta_params, warm, seed=0)
+    with torch.no_grad():
+        after = _losses(model, val, tokenizer).mean().item()
+        model.set_adapter(U)
+        u_loss = _losses(model, val, tokenizer).mean().item()
+        model.set_adapter(THETA)
+    assert after < before - 0.2
+    assert u_loss == pytest.approx(before, abs=1e-5)
+    u_now = get_peft_model_state_dict(model, adapter_name=U)
+    assert all(torch.equal(u_start[k], u_now[k]) for k in u_start)
+
+
+def test_a_resumed_run_does_not_repeat_the_warm_up(tmp_path, tiny_model_dir):
+    pool, validation, _ = _synthetic(tmp_path)
+    one = SimpleNamespace(**{**vars(VALUE_BDS), "epochs": 1, "warmup_epochs": 2})
+    two = SimpleNamespace(**{**vars(one), "epochs": 2})
+    run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, one, LORA, 128,
+            0.5, seed=0)
+    run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, two, LORA, 128,
+            0.5, seed=0)
+    run_bds(pool, validation, tmp_path / "b", tmp_path / "wb.parquet", str(tiny_model_dir), None, two, LORA, 128,
+            0.5, seed=0)
+    a, b = read_shard(tmp_path / "wa.parquet"), read_shard(tmp_path / "wb.parquet")
+    assert np.allclose(a["weight"].to_numpy(), b["weight"].to_numpy(), rtol=0, atol=1e-6)
