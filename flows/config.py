@@ -86,7 +86,8 @@ class BDSConfig:
     # keep logit_lr x signal / batch_size well below 1, or weights follow visiting order; the value-function signal
     # l(theta) - l(u) is ~10x smaller than the SEAL form's l(theta), so its step is ~10x larger (tiny-model tests)
     logit_lr: float = 1.0
-    learning_rate: float = 2e-4  # LoRA step size (train.lora_* set the adapter's shape)
+    # LoRA step size of theta (train.lora_* set the adapter's shape); 1e-3 beat 2e-4 (benchmarks/selection)
+    learning_rate: float = 1e-3
     batch_size: int = 8  # pool samples per step, plus as many validation samples
     max_grad_norm: float = 1.0
     threshold: float = 0.0  # > 0: keep every sample whose weight is at least this, instead of the budget
@@ -97,10 +98,10 @@ class BDSConfig:
     validation_tokens: int = 0  # > 0: the validation objective scores only the first K response tokens
     validation_batch_size: int = 4  # validation pairs per step (beside batch_size pool pairs); 0 = batch_size
     drop_unhelpful: bool = False  # drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)
-    autocast: bool = False  # bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses
+    autocast: bool = True  # bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses
     # passes of theta over the validation pairs alone before the bilevel epochs (u stays at the start point), so
     # l(theta) - l(u) is about the validation set from the first step instead of after it has been learned
-    warmup_epochs: int = 0
+    warmup_epochs: int = 2
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks/selection"))
 
-from run import DTYPE, MAX_SEQ_LEN, ingest_splits, kept_composition, log, mean_se, select_method  # noqa: E402
+from run import DTYPE, MAX_SEQ_LEN, bds_config, ingest_splits, kept_composition, log, mean_se, select_method  # noqa: E402
 
 from flows.config import TrainConfig  # noqa: E402
 from storage.shards import read_shard  # noqa: E402
@@ -99,7 +99,8 @@ def run_seed(seed: int, work: Path, data: Path, methods: list[str], model: str =
         path = work / "methods" / f"{name}.json"
         if not path.exists():
             t0 = time.time()
-            weights = select_method(name, work, shards["pool"], shards["validation"], scores, cfg, model, seed)
+            weights = select_method(name, work, shards["pool"], shards["validation"], scores, cfg, model, seed,
+                                    BUDGET)
             out = work / "methods" / name
             train.build_train_set(shards["pool"], weights, set(), [], [], shards["validation"],
                                   out / "train_set.parquet")
@@ -146,7 +147,8 @@ def main() -> None:
     for seed in args.seeds:
         report["seeds"][str(seed)] = run_seed(seed, args.work / f"seed-{seed}", args.data, args.methods)
         report.update({"benchmark": "mixture", "date": dt.date.today().isoformat(), "sizes": SIZES,
-                       "budget": BUDGET, "model": "SmolLM2-135M-Instruct (default)", "max_seq_len": MAX_SEQ_LEN,
+                       "budget": BUDGET, "bds": vars(bds_config("bds")), "train": vars(TrainConfig()),
+                       "model": "SmolLM2-135M-Instruct (default)", "max_seq_len": MAX_SEQ_LEN,
                        "exact_match_max_new_tokens": EXACT_MATCH_TOKENS, "machine": {
                            "cpu_count": os.cpu_count(), "platform": platform.platform()},
                        "summary": summarize(report["seeds"])})

@@ -46,7 +46,7 @@ from tasks.models import load_tokenizer  # noqa: E402
 SIZES = dict(pool_benign=210, pool_harmful=60, pool_corrupted=30, val_refusals=40, val_benign=40, test=100,
              harmful_test=100)
 BUDGET, SEED, MAX_SEQ_LEN, DTYPE, REFUSAL_TOKENS = 0.7, 0, 256, "bf16", 32
-METHODS = ("bds", "full", "random", "bds_nomix", "random_nomix", "bds_seal", "topk_ifd", "topk_davir", "iterit")
+METHODS = ("bds", "full", "random", "bds_nomix", "random_nomix", "bds_fp32", "bds_seal", "topk_ifd", "topk_davir", "iterit")
 
 
 def log(message: str) -> None:
@@ -81,24 +81,26 @@ def build_data(src: Path, out: Path, seed: int = SEED) -> None:
 
 
 def bds_config(name: str) -> BDSConfig:
-    """The product's defaults with the IFD gate; `bds_seal` is the same without the value function."""
-    return BDSConfig(drop_unhelpful=True, value_function=name != "bds_seal")
+    """The product's defaults with the IFD gate; `bds_seal` is the same without the value function, `bds_fp32`
+    without bf16 autocast (the agreement check)."""
+    return BDSConfig(drop_unhelpful=True, value_function=name != "bds_seal", autocast=name != "bds_fp32")
 
 
-def select_method(name: str, work: Path, pool, validation, scores, train_cfg, model: str, seed: int) -> Path:
+def select_method(name: str, work: Path, pool, validation, scores, train_cfg, model: str, seed: int,
+                  budget: float = BUDGET) -> Path:
     out = work / "methods" / name
     weights = out / "weights.parquet"
-    if name in ("bds", "bds_seal"):
+    if name in ("bds", "bds_seal", "bds_fp32"):
         bds.run_bds(pool, validation, out / "bds", weights, model, None, bds_config(name), train_cfg, MAX_SEQ_LEN,
-                    BUDGET, seed, score_shards=scores)
+                    budget, seed, score_shards=scores)
     elif name == "iterit":
         iterit.select_iterit(pool, scores, out / "iterit", weights, model, DTYPE, None, IterITConfig(epochs=2),
-                             train_cfg, BUDGET, MAX_SEQ_LEN, 4096, load_tokenizer(model).eos_token or "", seed)
+                             train_cfg, budget, MAX_SEQ_LEN, 4096, load_tokenizer(model).eos_token or "", seed)
     else:
         method, metric, order = {"full": ("full", "loss", "lowest"), "random": ("random", "loss", "lowest"),
                                  "topk_ifd": ("topk", "ifd", "highest"),
                                  "topk_davir": ("topk", "davir", "highest")}[name]
-        select.select_samples(pool, scores, weights, method, metric, order, 1.0 if name == "full" else BUDGET,
+        select.select_samples(pool, scores, weights, method, metric, order, 1.0 if name == "full" else budget,
                               seed)
     return weights
 
@@ -199,14 +201,14 @@ def run_method(name: str, work: Path, ctx: dict, model: str, seed: int) -> dict:
               "train_rows": read_shard(out / "train_set.parquet", columns=["weight"]).num_rows,
               "train_steps": trained.get("steps"), "select_seconds": round(select_seconds, 1),
               "train_seconds": round(train_seconds, 1)}
-    if name in ("bds", "bds_seal"):  # theta: trained on the validation set and the weighted pool
+    if name in ("bds", "bds_seal", "bds_fp32"):  # theta: trained on the validation set and the weighted pool
         result["theta"] = evaluate_adapter(model, str(work / "methods" / name / "bds" / "adapter"),
                                            ctx["validation"], ctx["test"], ctx["harmful"])
         w = read_shard(weights, columns=["weight"])["weight"].to_numpy()
         result["weight_range"] = [round(float(w[w > 0].min()), 4), round(float(w.max()), 4)]
     scoring = ctx["timing"]["scoring_seconds"]
     result["method_seconds"] = round(select_seconds + train_seconds + result["eval_seconds"] + (
-        scoring if base_name in ("topk_ifd", "iterit", "bds", "bds_seal") else 0) + (
+        scoring if base_name in ("topk_ifd", "iterit", "bds", "bds_seal", "bds_fp32") else 0) + (
         scoring + ctx["timing"].get("davir_reference_seconds", 0) if base_name == "topk_davir" else 0), 1)
     return result
 
