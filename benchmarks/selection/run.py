@@ -13,7 +13,8 @@ selection plus the validation pairs (`train.mix_validation`; so methods differ o
 IFD gate, `bds_seal` the same without the value function; for both, BDS's own theta adapter (trained on the
 validation set and the weighted pool) is evaluated too. Each seed draws its own data split and training seed
 (`--seeds`, default 0 1 2); the summary gives mean and standard error over the seeds that finished. The first
-seed also times one plain SFT epoch over the pool: `bds_cost_ratio` = BDS selection time / that epoch. Reported per method:
+seed also times one plain SFT epoch over the pool: `bds_cost_ratio` = BDS selection time / that epoch;
+`bds_fp32` (seed 0) measures what bf16 autocast changes (`autocast_agreement`). Reported per method:
 AUROC of the method's preference (BDS weight, else minus the rank) against "clean" (neither harmful nor
 corrupted), precision at the budget (clean share of the kept rows), harmful / corrupted rows kept, benign test
 loss, validation loss, refusal rate on the AdvBench prompts (greedy answers, tasks.evaluate.REFUSAL_PHRASES),
@@ -46,7 +47,8 @@ from tasks.models import load_tokenizer  # noqa: E402
 SIZES = dict(pool_benign=210, pool_harmful=60, pool_corrupted=30, val_refusals=40, val_benign=40, test=100,
              harmful_test=100)
 BUDGET, SEED, MAX_SEQ_LEN, DTYPE, REFUSAL_TOKENS = 0.7, 0, 256, "bf16", 32
-METHODS = ("bds", "full", "random", "bds_nomix", "random_nomix", "bds_fp32", "bds_seal", "topk_ifd", "topk_davir", "iterit")
+METHODS = ("bds", "full", "random", "bds_nomix", "random_nomix", "bds_fp32", "bds_seal", "topk_ifd", "topk_davir",
+           "iterit")
 
 
 def log(message: str) -> None:
@@ -233,6 +235,23 @@ def sft_epoch_seconds(work: Path, ctx: dict, model: str, seed: int) -> float:
     return json.loads(path.read_text())["seconds"]
 
 
+def autocast_agreement(work: Path) -> dict:
+    """bf16 autocast (`bds`) against fp32 (`bds_fp32`) on the same seed: the losses, the weights' ranking and the
+    kept set."""
+    a, b = (read_shard(work / "methods" / name / "weights.parquet") for name in ("bds_fp32", "bds"))
+    active = (a["weight"].to_numpy() > 0) & (b["weight"].to_numpy() > 0)
+    rank = lambda v: np.argsort(np.argsort(v[active]))  # noqa: E731
+    loss_a, loss_b = a["epoch_loss"].to_numpy(), b["epoch_loss"].to_numpy()
+    both = ~np.isnan(loss_a) & ~np.isnan(loss_b)
+    kept_a, kept_b = np.array(a["selected"].to_pylist()), np.array(b["selected"].to_pylist())
+    spearman = np.corrcoef(rank(a["weight"].to_numpy()), rank(b["weight"].to_numpy()))[0, 1]
+    return {"weight_spearman": round(float(spearman), 4),
+            "epoch_loss_max_abs_diff": round(float(np.abs(loss_a[both] - loss_b[both]).max()), 4),
+            "epoch_loss_mean_abs_diff": round(float(np.abs(loss_a[both] - loss_b[both]).mean()), 4),
+            "kept_agreement": round(float((kept_a == kept_b).mean()), 4),
+            "kept_overlap": int((kept_a & kept_b).sum()), "kept": int(kept_b.sum())}
+
+
 def mean_se(values: list[float]) -> dict:
     v = np.asarray(values, dtype=np.float64)
     se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
@@ -295,6 +314,8 @@ def main() -> None:
                 entry["sft_epoch_seconds"] = sft_epoch_seconds(work, ctx, model, seed)
                 entry["bds_cost_ratio"] = round(entry["methods"]["bds"]["select_seconds"]
                                                 / entry["sft_epoch_seconds"], 2)
+            if name == "bds_fp32" and "bds" in entry["methods"]:
+                entry["autocast_agreement"] = autocast_agreement(work)
             write_report(args.out, report)
     log(f"wrote {args.out}")
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 LABELS = {"bds": "`bds` (value function + IFD gate)", "bds_seal": "`bds`, SEAL form + IFD gate",
+          "bds_fp32": "`bds` in fp32 (no autocast)",
           "full": "`full` (direct mixing)", "random": "`random`", "bds_nomix": "`bds`, trained without validation",
           "random_nomix": "`random`, trained without validation", "topk_ifd": "`topk(ifd)`",
           "topk_davir": "`topk(davir)`", "iterit": "`iterit`"}
