@@ -34,6 +34,10 @@ def print_summary(summary: dict) -> None:
     print(f"  pool rows in        {summary['rows_in']}")
     print(f"  quarantined         {summary['quarantined']}  (all splits; see `curate sql \"select * from quarantine\"`)")
     print(f"  selected            {summary['selected']}")
+    if summary.get("kept_share"):  # the last iteration's selection
+        shares = ", ".join(f"{source} {share:.0%}" for source, share in summary["kept_share"].items())
+        low, high = summary["weight_range"] or (float("nan"), float("nan"))
+        print(f"  kept per source     {shares}; weights {low:.4g} .. {high:.4g}")
     print(f"  generated responses {summary['generated']}")
     print(f"  training rows       {summary['train_rows']}")
     print(f"  score shards        {summary['shards_computed']} computed, {summary['shards_reused']} reused")

@@ -28,7 +28,7 @@ from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.runlock import run_lock
 from storage.shards import list_shards, read_manifest, read_shard, remove_shards_except
-from tasks.coverage import coverage_rows
+from tasks.coverage import coverage_rows, selection_summary
 from tasks.ingest import read_prompts
 from tasks.generate import SamplingParams, refined_question_ids
 from tasks.strategy import Strategy
@@ -214,7 +214,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
              metrics["test_loss"])
     return {"selected": selection["selected"], "generated": generated, "shards_reused": reused,
             "shards_computed": len(pool) - reused,
-            "train_rows": read_manifest(train_set)["rows"], **metrics}
+            "train_rows": read_manifest(train_set)["rows"], **selection_summary(weights), **metrics}
 
 
 @flow(name="curate", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -294,6 +294,7 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> di
         "selected": rounds[-1]["selected"],
         "generated": sum(r["generated"] for r in rounds),
         "train_rows": rounds[-1]["train_rows"],
+        "kept_share": rounds[-1]["kept_share"], "weight_range": rounds[-1]["weight_range"],
         # score shards over all iterations: reused (an output still current, or the score cache) or computed
         "shards_computed": sum(r["shards_computed"] for r in rounds),
         "shards_reused": sum(r["shards_reused"] for r in rounds),

@@ -38,3 +38,16 @@ def coverage_rows(pool_shards: list[Path], train_set: Path) -> list[dict]:
             "effective_sample_size": total ** 2 / sum(x * x for x in w) if total else 0.0,
         })
     return rows
+
+
+def selection_summary(weights_path: Path) -> dict:
+    """Each source's share of its pool rows that the selection kept, and the range of the kept rows' weights."""
+    table = read_shard(weights_path, columns=["source", "weight", "selected"])
+    total, kept, kept_weights = defaultdict(int), defaultdict(int), []
+    for source, weight, selected in zip(*(table[c].to_pylist() for c in ("source", "weight", "selected"))):
+        total[source] += 1
+        if selected:
+            kept[source] += 1
+            kept_weights.append(weight)
+    return {"kept_share": {s: round(kept[s] / total[s], 4) for s in sorted(total)},
+            "weight_range": [min(kept_weights), max(kept_weights)] if kept_weights else []}
