@@ -10,11 +10,14 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from tasks.row_formats import DEFAULT_ROLES, RowFormat
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,12 @@ class ModelConfig:
 class SourceConfig:
     path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
     source: str = ""  # label used in coverage tables; defaults to the file name without extension
+    # which keys hold the turns or fields (axolotl's names, docs/formats.md); none: detected per row
+    format: RowFormat | None = None
+
+    def check(self, where: str) -> None:
+        unknown = sorted(set(self.format.roles) - set(DEFAULT_ROLES)) if self.format else []
+        _require(not unknown, f"{where}.format.roles", f"keys must be {', '.join(DEFAULT_ROLES)}", unknown)
 
 
 @dataclass
@@ -314,6 +323,9 @@ def _build(cls, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):  # `X | None`
+        (item,) = [a for a in typing.get_args(cls) if a is not type(None)]
+        return None if value is None else _build(item, value, where)
     if origin is dict:
         _, item = typing.get_args(cls)
         if not isinstance(value, dict):

@@ -27,8 +27,8 @@ import pyarrow as pa
 
 from flows.config import SourceConfig
 from storage.shards import shard_is_complete, shard_name, write_shard
-from tasks.formats import (IngestError, RowError, alpaca_prompt, ignored_files, iter_csv, iter_rows, source_files,
-                           text, to_pair)
+from tasks.formats import IngestError, ignored_files, iter_csv, iter_rows, source_files
+from tasks.row_formats import RowError, alpaca_prompt, text, to_pair
 
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question")  # read_prompts takes the first one present
 SUCCESS = "_SUCCESS.json"
@@ -77,7 +77,7 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
         producer: recorded in each shard's manifest (e.g. the task run id).
     """
     out_dir = Path(out_dir)
-    inputs = [(_label(src), path) for src in sources for path in source_files(Path(src.path))]
+    inputs = [(src, path) for src in sources for path in source_files(Path(src.path))]
     digest = _inputs_digest(sources, split, max_chars, shard_rows)
     done = _load_success(out_dir, digest)
     if done is not None:
@@ -87,12 +87,12 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
     rejected = _ShardWriter(out_dir / "quarantine", QUARANTINE_SCHEMA, shard_rows, producer)
     stats = IngestStats(split, ignored_files=[str(p) for src in sources for p in ignored_files(Path(src.path))])
     seen: set[str] = set()  # sample ids kept so far in this split, across files
-    for label, path in inputs:
+    for src, path in inputs:
         counts = stats.by_file.setdefault(str(path), {"rows_in": 0, "rows_kept": 0, "rows_quarantined": 0})
         for row_no, value, raw in iter_rows(path):
             counts["rows_in"] += 1
             try:
-                kept.add(_admit(value, label, str(path), row_no, max_chars, seen))
+                kept.add(_admit(value, src, str(path), row_no, max_chars, seen))
                 counts["rows_kept"] += 1
             except RowError as e:
                 rejected.add({"file": str(path), "row": row_no, "reason": e.reason, "field": e.field,
@@ -140,11 +140,11 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _admit(value, label: str, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
+def _admit(value, src: SourceConfig, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
     """One output row for `value`, or RowError with the quarantine reason."""
     if isinstance(value, RowError):  # the reader could not parse or decode this row
         raise value
-    pair = to_pair(value)
+    pair = to_pair(value, src.format)
     prompt, response = pair.prompt.strip(), pair.response.strip()
     # Ids are given before any check below, so a rejected duplicate carries the id of the row that was kept.
     sample_id, question_id = make_id(prompt, response), make_id(prompt)
@@ -166,7 +166,7 @@ def _admit(value, label: str, file: str, row_no: int, max_chars: int, seen: set[
     meta = {"file": file, "row": row_no}
     for key, val in pair.meta.items():
         meta[f"original_{key}" if key in meta else key] = val  # a row's own "file"/"row" must not be lost
-    return {"sample_id": sample_id, "question_id": question_id, "source": label, "prompt": prompt,
+    return {"sample_id": sample_id, "question_id": question_id, "source": _label(src), "prompt": prompt,
             "response": response, "meta": _dumps(meta)}
 
 
@@ -209,6 +209,8 @@ def _inputs_digest(sources: list[SourceConfig], split: str, max_chars: int, shar
     """Hash of everything the output depends on: paths, sizes and mtimes of the inputs, and the settings."""
     h = hashlib.sha256(json.dumps([split, max_chars, shard_rows]).encode())
     for src in sources:
+        if src.format is not None:  # sources read as detected hash as they did before formats existed
+            h.update(json.dumps(asdict(src.format), sort_keys=True).encode())
         path = Path(src.path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for p in files:
