@@ -4,6 +4,7 @@
     curate demo                             # the bundled demo end to end
     curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS] [--set KEY=VALUE ...]   # one run per root
     curate config show|validate CONFIG [--set KEY=VALUE ...]   # the effective config, or "ok" / its error
+    curate export RUN_ID --format messages --out DIR   # the curated set as Parquet + a dataset card
     curate runs                             # runs in the catalog
     curate sql "select * from runs"         # read-only SQL on the catalog
     curate report RUN_ID [--open]           # plots + HTML page of a run
@@ -132,6 +133,16 @@ def deploy(prefect_file: str) -> int:
                           timeout=600).returncode
 
 
+def export(run_id: str, iteration: int | None, fmt: str, out: str, root: str) -> None:
+    from storage.access import run_config, train_set_path
+    from tasks.export import export_train_set
+
+    iteration, train_set = train_set_path(run_id, iteration, root)
+    stats = export_train_set(train_set, Path(out), fmt, f"{run_id}, iteration {iteration}", run_config(run_id, root))
+    sources = ", ".join(f"{r['source']}/{r['origin']} {r['rows']}" for r in stats["by_source"])
+    print(f"exported {stats['rows']} rows of run {run_id} iteration {iteration} ({fmt}) to {out}: {sources}")
+
+
 def report(run_id: str, root: str, open_browser: bool) -> None:
     from flows.report import write_report
 
@@ -175,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
         q = config_sub.add_parser(action, help=text)
         q.add_argument("config", help="the YAML config file")
         _add_set(q)
+    p = sub.add_parser("export", help="write a run's curated training set as Parquet plus a dataset card")
+    p.add_argument("run_id", help="the run to export")
+    p.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed)")
+    p.add_argument("--format", default="messages", choices=["messages", "prompt_completion", "alpaca"],
+                   help="the columns: TRL's messages or prompt/completion, or Alpaca's instruction/input/output")
+    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p = sub.add_parser("runs", help="list the runs in the catalog")
     p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
@@ -211,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
 
             fetch_default_model()
             run(str(DEMO_CONFIG), args.run_id, args.root, args.wait)
+        elif args.command == "export":
+            export(args.run_id, args.iteration, args.format, args.out, args.root)
         elif args.command == "runs":
             sql("select run_id, status, created_at, updated_at, root from runs order by created_at", args.root, "table")
         elif args.command == "sql":
@@ -236,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # user-facing errors from any stage: one clear line, the trace stays in Prefect's log
         from flows.faults import FaultSpecError, InjectedError, InjectedTransientError
+        from storage.access import RunNotFoundError
         from storage.catalog import CatalogBusyError
         from storage.runlock import RunLockedError
         from tasks.formats import IngestError
@@ -246,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         if isinstance(e, (IngestError, ModelNotAvailableError, CatalogBusyError, FileNotFoundError, RunLockedError,
+                          RunNotFoundError, FileExistsError,
                           OutOfMemoryAtBatchSizeOne, InjectedError, InjectedTransientError)):
             print(f"error: {e}", file=sys.stderr)
             return 1

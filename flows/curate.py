@@ -243,8 +243,10 @@ def curate(config_path: str, run_id: str = "", root: str = "", series: str = "",
                 summary = {**summary, "predecessor": predecessor, **finish_series_run(catalog, series, summary)}
         except Exception:  # a killed process stays "running" until its rerun; a failed one says so
             catalog.set_run_status(cfg.run_id, "failed")
+            catalog.refresh_parquet_views()  # what the failed run wrote, for the duckdb CLI and notebooks
             raise
         catalog.set_run_status(cfg.run_id, "completed")
+        catalog.refresh_parquet_views()
     return {**summary, "seconds": round(time.time() - started, 1)}
 
 

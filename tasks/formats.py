@@ -34,7 +34,8 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _is_bookkeeping(p: Path) -> bool:
-    # Shard manifests are JSON too, "." files are temporaries and "_" files markers (_SUCCESS.json).
+    # Shard manifests are JSON too, "." files are temporaries, manifests and markers (.SUCCESS.json; "_" in
+    # earlier versions).
     return p.name.startswith((".", "_")) or p.name.endswith(MANIFEST_SUFFIX)
 
 

@@ -3,10 +3,11 @@
     stats = ingest_split([SourceConfig("data/demo/pool_alpaca.json")], Path("out/pool"), "pool",
                          max_chars=16000, shard_rows=256)
 
-Output of one split, in `out_dir`:
+Output of one split, in `out_dir` (e.g. runs/demo/pool), and its quarantine beside it (runs/demo/quarantine/pool),
+so that the split's directory holds its rows and nothing else `datasets.load_dataset` would read as data:
     shard-00000.parquet ...        sample_id, question_id, source, prompt, response, meta (JSON string)
-    quarantine/shard-00000.parquet file, row, reason, field, detail, raw   (only when something was rejected)
-    _SUCCESS.json                  stats + a hash of the inputs, written last: an identical rerun is skipped
+    .SUCCESS.json                  stats + a hash of the inputs, written last: an identical rerun is skipped
+    ../quarantine/<split>/shard-00000.parquet   file, row, reason, field, detail, raw (only if something was rejected)
 
 Every input row ends up in exactly one of the two (rows_in == rows_kept + rows_quarantined). A file that
 cannot be read as a whole (broken JSON array, truncated Parquet, missing path, no rows at all) stops ingest
@@ -31,7 +32,7 @@ from tasks.formats import IngestError, ignored_files, iter_csv, iter_rows, sourc
 from tasks.row_formats import RowError, alpaca_prompt, text, to_pair
 
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question")  # read_prompts takes the first one present
-SUCCESS = "_SUCCESS.json"
+SUCCESS = ".SUCCESS.json"  # hidden, like the shard manifests (storage/shards.py)
 RAW_CHARS = 10_000  # the quarantine keeps this much of each rejected row
 
 POOL_SCHEMA = pa.schema([(name, pa.string()) for name in
@@ -84,7 +85,7 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
         return done
     _clear_outputs(out_dir)
     kept = _ShardWriter(out_dir, POOL_SCHEMA, shard_rows, producer)
-    rejected = _ShardWriter(out_dir / "quarantine", QUARANTINE_SCHEMA, shard_rows, producer)
+    rejected = _ShardWriter(quarantine_dir(out_dir), QUARANTINE_SCHEMA, shard_rows, producer)
     stats = IngestStats(split, ignored_files=[str(p) for src in sources for p in ignored_files(Path(src.path))])
     seen: set[str] = set()  # sample ids kept so far in this split, across files
     for src, path in inputs:
@@ -107,9 +108,13 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
     assert stats.rows_in == stats.rows_kept + stats.rows_quarantined, stats
     if split == "validation" and stats.rows_kept == 0:
         raise IngestError(f"validation: no usable rows in {', '.join(stats.by_file)}: {stats.rows_in} read, all "
-                          f"quarantined {stats.by_reason} (see {out_dir / 'quarantine'})")
+                          f"quarantined {stats.by_reason} (see {quarantine_dir(out_dir)})")
     _write_success(out_dir, digest, stats)
     return stats
+
+
+def quarantine_dir(out_dir: Path) -> Path:
+    return out_dir.parent / "quarantine" / out_dir.name
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -234,9 +239,13 @@ def _load_success(out_dir: Path, digest: str) -> IngestStats | None:
 def _clear_outputs(out_dir: Path) -> None:
     # The marker goes first: a run killed while rewriting must never look complete.
     (out_dir / SUCCESS).unlink(missing_ok=True)
-    for directory in (out_dir, out_dir / "quarantine"):
-        for p in directory.glob("shard-*.parquet*"):  # shards and their manifests
-            p.unlink()
+    (out_dir / "_SUCCESS.json").unlink(missing_ok=True)  # the marker's visible name in earlier versions
+    # out_dir / "quarantine": where earlier versions kept the quarantine, inside the split
+    for directory in (out_dir, quarantine_dir(out_dir), out_dir / "quarantine"):
+        for p in [*directory.glob("shard-*.parquet*"), *directory.glob(".shard-*.parquet.manifest.json")]:
+            p.unlink()  # shards and their manifests
+    if (out_dir / "quarantine").is_dir() and not any((out_dir / "quarantine").iterdir()):
+        (out_dir / "quarantine").rmdir()
 
 
 def _write_success(out_dir: Path, digest: str, stats: IngestStats) -> None:
