@@ -26,6 +26,7 @@ from tests.tiny import build_model_dir
 # output path (relative to the run directory) -> the stage that writes it
 STAGES = [
     (r"^(pool|validation|test)/", r"ingest-\1"),
+    (r"^quarantine/(pool|validation|test)/", r"ingest-\1"),
     (r"^iter-000/evaluation", "evaluate-base"),
     (r"^reference/", "reference"),
     (r"^iter-(\d+)/scores/diversity", r"diversity-it\1"),
