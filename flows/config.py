@@ -10,11 +10,14 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from tasks.row_formats import DEFAULT_ROLES, RowFormat
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,12 @@ class ModelConfig:
 class SourceConfig:
     path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
     source: str = ""  # label used in coverage tables; defaults to the file name without extension
+    # which keys hold the turns or fields (axolotl's names, docs/formats.md); none: detected per row
+    format: RowFormat | None = None
+
+    def check(self, where: str) -> None:
+        unknown = sorted(set(self.format.roles) - set(DEFAULT_ROLES)) if self.format else []
+        _require(not unknown, f"{where}.format.roles", f"keys must be {', '.join(DEFAULT_ROLES)}", unknown)
 
 
 @dataclass
@@ -319,6 +328,14 @@ def _build(cls, value, where: str):
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):  # `X | None`
+        (item,) = [a for a in typing.get_args(cls) if a is not type(None)]
+        return None if value is None else _build(item, value, where)
+    if origin is dict:
+        _, item = typing.get_args(cls)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return {str(k): _build(item, v, _join(where, k)) for k, v in value.items()}
     if origin is typing.Literal:
         choices = typing.get_args(cls)
         if value not in choices:
@@ -352,8 +369,26 @@ def parse_config(raw: dict, base: Path = Path(".")) -> CurateConfig:
     return resolve_paths(_build(CurateConfig, raw, ""), base)
 
 
+def set_dotted(raw: dict, key: str, value) -> None:
+    """raw["select"]["budget"] = value for key "select.budget", making missing sections. Names are not checked
+    here: the merged mapping is validated like the file, so an unknown key gets the file's error."""
+    *sections, name = key.split(".")
+    if not all(sections + [name]):
+        raise ConfigError(f"{key}: not a dotted field name like select.budget")
+    node, where = raw, ""
+    for part in sections:
+        where = _join(where, part)
+        if node.get(part) is None:  # absent, or an empty `select:` in the YAML
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: is a {type(node).__name__} in the config, not a section; set it whole")
+    node[name] = value
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> CurateConfig:
-    """Read and validate a YAML config; `overrides` (e.g. {"run_id": "x"}) replace top-level keys."""
+    """Read and validate a YAML config; `overrides` (e.g. {"run_id": "x", "select.budget": 0.5}) replace the
+    values of dotted keys before validation."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
@@ -363,8 +398,9 @@ def load_config(path: str | Path, overrides: dict | None = None) -> CurateConfig
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    raw.update(overrides or {})
     try:
+        for key, value in (overrides or {}).items():
+            set_dotted(raw, key, value)
         return parse_config(raw, path.parent)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

@@ -41,7 +41,7 @@ def _run_name() -> str:
     params = flow_run.parameters
     series = params.get("series")
     run_id = params.get("run_id") or (series_run_id(series, scheduled_time()) if series
-                                      else load_config(params["config_path"]).run_id)
+                                      else load_config(params["config_path"], params.get("overrides")).run_id)
     return f"curate-{run_id}"
 
 
@@ -218,13 +218,15 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
 
 @flow(name="curate", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def curate(config_path: str, run_id: str = "", root: str = "", series: str = "") -> dict:
-    """The whole loop for one config. `run_id`/`root` override the config's values; with `series` (schedules
-    and deployments set it) the run is that series' run for the scheduled time, `<series>-<YYYYmmddTHHMM>`."""
+def curate(config_path: str, run_id: str = "", root: str = "", series: str = "",
+           overrides: dict | None = None) -> dict:
+    """The whole loop for one config. `overrides` ({"select.budget": 0.5}, `curate run --set`) replace config
+    values, then `run_id`/`root`; with `series` (schedules and deployments set it) the run is that series' run
+    for the scheduled time, `<series>-<YYYYmmddTHHMM>`. The catalog stores the effective config."""
     started = time.time()
     scheduled = scheduled_time()
     run_id = run_id or (series_run_id(series, scheduled) if series else "")
-    overrides = {k: v for k, v in (("run_id", run_id), ("root", root)) if v}
+    overrides = {**(overrides or {}), **{k: v for k, v in (("run_id", run_id), ("root", root)) if v}}
     cfg: CurateConfig = load_config(config_path, overrides)
     log = get_run_logger()
     paths = RunPaths(Path(cfg.root).resolve(), cfg.run_id)
@@ -241,8 +243,10 @@ def curate(config_path: str, run_id: str = "", root: str = "", series: str = "")
                 summary = {**summary, "predecessor": predecessor, **finish_series_run(catalog, series, summary)}
         except Exception:  # a killed process stays "running" until its rerun; a failed one says so
             catalog.set_run_status(cfg.run_id, "failed")
+            catalog.refresh_parquet_views()  # what the failed run wrote, for the duckdb CLI and notebooks
             raise
         catalog.set_run_status(cfg.run_id, "completed")
+        catalog.refresh_parquet_views()
     return {**summary, "seconds": round(time.time() - started, 1)}
 
 

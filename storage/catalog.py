@@ -11,6 +11,8 @@ Tables and views for lineage questions (`curate sql`):
 - weight_history: every pool sample's weight, selected flag and drop reason per run, iteration and epoch
 - coverage: per run, iteration and source: questions kept, responses regenerated, weight entropy, ESS
 - lineage: artifact -> artifact edges (src, dst, relation), e.g. train_set -trained_on-> adapter
+- scores, pool, generations, train_sets, generation_weights, regenerated (views over the Parquet files,
+  storage/views.py)
 - current_weights (view): each sample's weight in the latest iteration (last epoch) of its run
 - why_dropped (view): the samples each iteration's final selection dropped, with method and reason
 - lineage_artifacts (view): lineage edges with the kind, iteration, rows and producing task run of both ends
@@ -29,6 +31,8 @@ from pathlib import Path
 from typing import Iterator
 
 import duckdb
+
+from storage.views import create_parquet_views
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -285,44 +289,22 @@ class Catalog:
                 [series, run_id]).fetchone()
         return {"pool_new": new, "pool_gone": gone, "pool_unchanged": unchanged}
 
+    def refresh_parquet_views(self) -> list[str]:
+        """Store the Parquet views (storage/views.py) in the file, for readers other than `curate sql`."""
+        with self._write() as con:
+            return create_parquet_views(con, self.path.resolve().parent, temporary=False)
+
     def row_counts(self) -> dict[str, int]:
         with _open(self.path, True, self.lock_timeout) as con:
             # Table names come from the TABLES constant, not from input, so formatting them in is safe.
             return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
 
 
-# Parquet-backed views over every run under the catalog's root, created per read-only session.
-PARQUET_VIEWS = {
-    "scores": "runs/*/iter-*/scores/*.parquet",
-    "pool": "runs/*/pool/shard-*.parquet",
-    "generations": "runs/*/iter-*/generations/shard-*.parquet",
-    "train_sets": "runs/*/iter-*/train_set.parquet",
-    "generation_weights": "runs/*/iter-*/generation_weights/shard-*.parquet",
-}
-# Which responses were regenerated for a question, by which adapter (the previous iteration's; NULL = the base
-# model), with what weight; needs both Parquet views.
-REGENERATED_VIEW = """CREATE TEMP VIEW regenerated AS
-    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator,
-           prev.adapter_path AS generated_by_adapter, w.weight, w.ratio, w.method, w.reason
-    FROM generations g JOIN generation_weights w USING (run_id, response_id)
-    LEFT JOIN iterations prev ON prev.run_id = g.run_id AND prev.iteration = g.iteration - 1"""
 READ_ONLY_STATEMENTS = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
 class ReadOnlyQueryError(duckdb.Error):
     """A statement that could write (COPY, ATTACH, PRAGMA, DDL...) was refused before it ran."""
-
-
-def _create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
-    for name, pattern in PARQUET_VIEWS.items():
-        if not any(root.glob(pattern)):
-            continue  # read_parquet fails on a glob that matches nothing
-        # DDL takes no bound parameters; the path is our own root, quoted as a SQL string literal.
-        literal = "'" + str(root / pattern).replace("'", "''") + "'"
-        con.execute(f"CREATE TEMP VIEW {name} AS SELECT *, regexp_extract(filename, '/runs/([^/]+)/', 1) AS run_id"
-                    f" FROM read_parquet({literal}, filename = true, union_by_name = true)")
-    if any(root.glob(PARQUET_VIEWS["generations"])) and any(root.glob(PARQUET_VIEWS["generation_weights"])):
-        con.execute(REGENERATED_VIEW)
 
 
 def query_read_only(
@@ -341,7 +323,7 @@ def query_read_only(
         con.execute("SET allowed_directories = ?", [[str(root) + "/"]])
         # Last, after any setup that needs files: from here on files outside the root are out of reach.
         con.execute("SET enable_external_access = false")
-        _create_parquet_views(con, root)
+        create_parquet_views(con, root)
         con.execute(sql, params or [])
         columns = [d[0] for d in con.description] if con.description else []
         return columns, con.fetchall() if columns else []

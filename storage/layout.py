@@ -5,6 +5,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+def catalog_path(root: Path) -> Path:
+    return Path(root) / "catalog.duckdb"
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: Path
@@ -12,7 +16,7 @@ class RunPaths:
 
     @property
     def catalog(self) -> Path:
-        return self.root / "catalog.duckdb"
+        return catalog_path(self.root)
 
     @property
     def run_dir(self) -> Path:

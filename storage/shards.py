@@ -4,6 +4,10 @@ A shard is complete when its manifest exists and the file's row count and sha256
 written after the data file is renamed into place, so a process killed at any point leaves either no
 visible shard, or a shard without a manifest (which counts as missing and is recomputed). A killed writer's
 hidden temp file is removed by the next write of the same shard.
+
+Manifests are hidden files (`.shard-00000.parquet.manifest.json`): `datasets.load_dataset` skips names that
+start with "." (datasets/data_files.py), so a directory of shards loads as a dataset; a visible manifest ends
+in ".parquet.manifest.json" and was read as a Parquet file.
 """
 from __future__ import annotations
 
@@ -26,7 +30,11 @@ def shard_name(index: int) -> str:
 
 
 def manifest_path(path: Path) -> Path:
-    return path.with_name(path.name + MANIFEST_SUFFIX)
+    return path.with_name(f".{path.name}{MANIFEST_SUFFIX}")
+
+
+def shard_of_manifest(manifest: Path) -> Path:
+    return manifest.with_name(manifest.name.removeprefix(".").removesuffix(MANIFEST_SUFFIX))
 
 
 def sha256_file(path: Path) -> str:
@@ -99,6 +107,7 @@ def write_shard(table: pa.Table, path: Path, producer: str = "", inputs: dict | 
         **({"inputs": inputs} if inputs is not None else {}),
     }
     _write_atomic(manifest_path(path), json.dumps(manifest, indent=1).encode())
+    path.with_name(path.name + MANIFEST_SUFFIX).unlink(missing_ok=True)  # the visible name of earlier versions
     return manifest
 
 

@@ -1,19 +1,10 @@
-"""Input formats: read a file row by row, and turn each row into a (prompt, response) pair.
+"""Input files: read a file row by row (turning a row into a pair is tasks/row_formats.py).
 
 Files: `.json` (an array of rows, or an object holding one list of rows), `.jsonl`, `.parquet`, a Hugging
 Face `save_to_disk` directory, or a plain directory of such files; `.csv` only for prompt lists.
 
-Rows: the format is detected per row from its keys, so one file may mix formats:
-
-    Alpaca    {"instruction": ..., "input": ... (optional), "output": ...}
-    ShareGPT  {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", "value": ...}]}
-    chat      {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}]}
-    plain     {"prompt": ..., "response": ...}  or  {"question": ..., "answer": ...}
-
-Keys the format does not use (e.g. "label") are kept in `Pair.meta`. A null value counts as a missing key,
-because Parquet and Hugging Face tables fill absent columns with nulls. A file that holds no rows at all is
-an error (there is nothing to quarantine, and it is almost always the wrong path), and so is a Hugging Face
-dataset whose metadata names files outside its own directory.
+A file that holds no rows at all is an error (there is nothing to quarantine, and it is almost always the wrong
+path), and so is a Hugging Face dataset whose metadata names files outside its own directory.
 """
 from __future__ import annotations
 
@@ -21,7 +12,6 @@ import codecs
 import csv
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -29,11 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.shards import MANIFEST_SUFFIX
+from tasks.row_formats import RowError
 
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet")
 BATCH_ROWS = 1024  # rows per Arrow batch when reading Parquet / HF datasets
-USER_ROLES = {"human", "user"}
-ASSISTANT_ROLES = {"gpt", "assistant"}
 
 
 class IngestError(ValueError):
@@ -45,7 +34,8 @@ def _is_hf_dir(path: Path) -> bool:
 
 
 def _is_bookkeeping(p: Path) -> bool:
-    # Shard manifests are JSON too, "." files are temporaries and "_" files markers (_SUCCESS.json).
+    # Shard manifests are JSON too, "." files are temporaries, manifests and markers (.SUCCESS.json; "_" in
+    # earlier versions).
     return p.name.startswith((".", "_")) or p.name.endswith(MANIFEST_SUFFIX)
 
 
@@ -195,106 +185,3 @@ def iter_csv(path: Path):
             yield reader.line_num, row, None
     except csv.Error as e:
         raise IngestError(f"{path}: line {reader.line_num}: invalid CSV: {e}") from None
-
-
-class RowError(Exception):
-    """A row that cannot be used; `reason` is one of the quarantine reasons, `field` names the culprit."""
-
-    def __init__(self, reason: str, field: str = "", detail: str = ""):
-        super().__init__(f"{reason}: {field}: {detail}")
-        self.reason, self.field, self.detail = reason, field, detail
-
-
-@dataclass
-class Pair:
-    prompt: str
-    response: str
-    prompt_field: str  # where the prompt came from, e.g. "instruction" or "conversations[1].value"
-    response_field: str
-    meta: dict = field(default_factory=dict)  # "system", "extra_turns", and the row's unused keys
-
-
-def to_pair(row) -> Pair:
-    """Detect the row's format and extract its pair; raises RowError for anything unusable."""
-    if not isinstance(row, dict):
-        raise RowError("unknown_format", "", f"expected an object, got {type(row).__name__}")
-    present = {k for k, v in row.items() if v is not None}
-    if "conversations" in present:
-        return _from_turns(row, "conversations", "from", "value", ("human", "gpt"))
-    if "messages" in present:
-        return _from_turns(row, "messages", "role", "content", ("user", "assistant"))
-    if "instruction" in present:
-        return _from_alpaca(row)
-    if "prompt" in present:
-        return _from_columns(row, "prompt", "response")
-    if "question" in present:
-        return _from_columns(row, "question", "answer")
-    keys = ", ".join(sorted(map(str, row))[:20])
-    raise RowError("unknown_format", "", f"no recognised keys among: {keys}")
-
-
-def text(value, field: str) -> str:
-    """`value` as a usable string: present, a str, no NUL byte, encodable as UTF-8 (no lone surrogates)."""
-    if value is None:
-        raise RowError("missing_field", field, "missing or null")
-    if not isinstance(value, str):
-        raise RowError("wrong_type", field, f"expected a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise RowError("invalid_encoding", field, "contains a NUL byte")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate from a "\ud800" escape in JSON
-        raise RowError("invalid_encoding", field, str(e)) from None
-    return value
-
-
-def alpaca_prompt(instruction: str, extra_input: str) -> str:
-    return f"{instruction}\n\n{extra_input}" if extra_input.strip() else instruction
-
-
-def _unused(row: dict, used: set[str]) -> dict:
-    return {k: v for k, v in row.items() if k not in used and v is not None}
-
-
-def _from_alpaca(row: dict) -> Pair:
-    instruction = text(row.get("instruction"), "instruction")
-    extra_input = "" if row.get("input") is None else text(row["input"], "input")
-    output = text(row.get("output"), "output")
-    meta = _unused(row, {"instruction", "input", "output"})
-    return Pair(alpaca_prompt(instruction, extra_input), output, "instruction", "output", meta)
-
-
-def _from_columns(row: dict, prompt_key: str, response_key: str) -> Pair:
-    prompt = text(row.get(prompt_key), prompt_key)
-    response = text(row.get(response_key), response_key)
-    return Pair(prompt, response, prompt_key, response_key, _unused(row, {prompt_key, response_key}))
-
-
-def _from_turns(row: dict, key: str, role_key: str, text_key: str, names: tuple[str, str]) -> Pair:
-    """First user turn -> prompt, first assistant turn after it -> response; other turns are only counted."""
-    turns = row[key]
-    if not isinstance(turns, list):
-        raise RowError("wrong_type", key, f"expected a list of turns, got {type(turns).__name__}")
-    roles = [_role(turn, f"{key}[{i}]", role_key) for i, turn in enumerate(turns)]
-    user = next((i for i, r in enumerate(roles) if r in USER_ROLES), None)
-    if user is None:
-        raise RowError("missing_field", f"{key}.{names[0]}", f"no {names[0]} turn")
-    reply = next((i for i in range(user + 1, len(roles)) if roles[i] in ASSISTANT_ROLES), None)
-    if reply is None:
-        raise RowError("missing_field", f"{key}.{names[1]}", f"no {names[1]} turn after the first {names[0]} turn")
-    prompt_field, response_field = f"{key}[{user}].{text_key}", f"{key}[{reply}].{text_key}"
-    prompt = text(turns[user].get(text_key), prompt_field)
-    response = text(turns[reply].get(text_key), response_field)
-    meta = _unused(row, {key})
-    system = next((i for i, r in enumerate(roles) if r == "system"), None)
-    if system is not None:
-        meta["system"] = text(turns[system].get(text_key), f"{key}[{system}].{text_key}")
-    # Only one exchange is trained on; the count says how much of the dialogue was left out.
-    meta["extra_turns"] = len(turns) - 2 - (system is not None)
-    return Pair(prompt, response, prompt_field, response_field, meta)
-
-
-def _role(turn, where: str, role_key: str) -> str:
-    if not isinstance(turn, dict):
-        raise RowError("wrong_type", where, f"expected an object, got {type(turn).__name__}")
-    return text(turn.get(role_key), f"{where}.{role_key}").lower()

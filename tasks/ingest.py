@@ -3,10 +3,11 @@
     stats = ingest_split([SourceConfig("data/demo/pool_alpaca.json")], Path("out/pool"), "pool",
                          max_chars=16000, shard_rows=256)
 
-Output of one split, in `out_dir`:
+Output of one split, in `out_dir` (e.g. runs/demo/pool), and its quarantine beside it (runs/demo/quarantine/pool),
+so that the split's directory holds its rows and nothing else `datasets.load_dataset` would read as data:
     shard-00000.parquet ...        sample_id, question_id, source, prompt, response, meta (JSON string)
-    quarantine/shard-00000.parquet file, row, reason, field, detail, raw   (only when something was rejected)
-    _SUCCESS.json                  stats + a hash of the inputs, written last: an identical rerun is skipped
+    .SUCCESS.json                  stats + a hash of the inputs, written last: an identical rerun is skipped
+    ../quarantine/<split>/shard-00000.parquet   file, row, reason, field, detail, raw (only if something was rejected)
 
 Every input row ends up in exactly one of the two (rows_in == rows_kept + rows_quarantined). A file that
 cannot be read as a whole (broken JSON array, truncated Parquet, missing path, no rows at all) stops ingest
@@ -27,11 +28,11 @@ import pyarrow as pa
 
 from flows.config import SourceConfig
 from storage.shards import shard_is_complete, shard_name, write_shard
-from tasks.formats import (IngestError, RowError, alpaca_prompt, ignored_files, iter_csv, iter_rows, source_files,
-                           text, to_pair)
+from tasks.formats import IngestError, ignored_files, iter_csv, iter_rows, source_files
+from tasks.row_formats import RowError, alpaca_prompt, text, to_pair
 
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question")  # read_prompts takes the first one present
-SUCCESS = "_SUCCESS.json"
+SUCCESS = ".SUCCESS.json"  # hidden, like the shard manifests (storage/shards.py)
 RAW_CHARS = 10_000  # the quarantine keeps this much of each rejected row
 
 POOL_SCHEMA = pa.schema([(name, pa.string()) for name in
@@ -77,22 +78,22 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
         producer: recorded in each shard's manifest (e.g. the task run id).
     """
     out_dir = Path(out_dir)
-    inputs = [(_label(src), path) for src in sources for path in source_files(Path(src.path))]
+    inputs = [(src, path) for src in sources for path in source_files(Path(src.path))]
     digest = _inputs_digest(sources, split, max_chars, shard_rows)
     done = _load_success(out_dir, digest)
     if done is not None:
         return done
     _clear_outputs(out_dir)
     kept = _ShardWriter(out_dir, POOL_SCHEMA, shard_rows, producer)
-    rejected = _ShardWriter(out_dir / "quarantine", QUARANTINE_SCHEMA, shard_rows, producer)
+    rejected = _ShardWriter(quarantine_dir(out_dir), QUARANTINE_SCHEMA, shard_rows, producer)
     stats = IngestStats(split, ignored_files=[str(p) for src in sources for p in ignored_files(Path(src.path))])
     seen: set[str] = set()  # sample ids kept so far in this split, across files
-    for label, path in inputs:
+    for src, path in inputs:
         counts = stats.by_file.setdefault(str(path), {"rows_in": 0, "rows_kept": 0, "rows_quarantined": 0})
         for row_no, value, raw in iter_rows(path):
             counts["rows_in"] += 1
             try:
-                kept.add(_admit(value, label, str(path), row_no, max_chars, seen))
+                kept.add(_admit(value, src, str(path), row_no, max_chars, seen))
                 counts["rows_kept"] += 1
             except RowError as e:
                 rejected.add({"file": str(path), "row": row_no, "reason": e.reason, "field": e.field,
@@ -107,9 +108,13 @@ def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_cha
     assert stats.rows_in == stats.rows_kept + stats.rows_quarantined, stats
     if split == "validation" and stats.rows_kept == 0:
         raise IngestError(f"validation: no usable rows in {', '.join(stats.by_file)}: {stats.rows_in} read, all "
-                          f"quarantined {stats.by_reason} (see {out_dir / 'quarantine'})")
+                          f"quarantined {stats.by_reason} (see {quarantine_dir(out_dir)})")
     _write_success(out_dir, digest, stats)
     return stats
+
+
+def quarantine_dir(out_dir: Path) -> Path:
+    return out_dir.parent / "quarantine" / out_dir.name
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -140,11 +145,11 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _admit(value, label: str, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
+def _admit(value, src: SourceConfig, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
     """One output row for `value`, or RowError with the quarantine reason."""
     if isinstance(value, RowError):  # the reader could not parse or decode this row
         raise value
-    pair = to_pair(value)
+    pair = to_pair(value, src.format)
     prompt, response = pair.prompt.strip(), pair.response.strip()
     # Ids are given before any check below, so a rejected duplicate carries the id of the row that was kept.
     sample_id, question_id = make_id(prompt, response), make_id(prompt)
@@ -166,7 +171,7 @@ def _admit(value, label: str, file: str, row_no: int, max_chars: int, seen: set[
     meta = {"file": file, "row": row_no}
     for key, val in pair.meta.items():
         meta[f"original_{key}" if key in meta else key] = val  # a row's own "file"/"row" must not be lost
-    return {"sample_id": sample_id, "question_id": question_id, "source": label, "prompt": prompt,
+    return {"sample_id": sample_id, "question_id": question_id, "source": _label(src), "prompt": prompt,
             "response": response, "meta": _dumps(meta)}
 
 
@@ -209,6 +214,8 @@ def _inputs_digest(sources: list[SourceConfig], split: str, max_chars: int, shar
     """Hash of everything the output depends on: paths, sizes and mtimes of the inputs, and the settings."""
     h = hashlib.sha256(json.dumps([split, max_chars, shard_rows]).encode())
     for src in sources:
+        if src.format is not None:  # sources read as detected hash as they did before formats existed
+            h.update(json.dumps(asdict(src.format), sort_keys=True).encode())
         path = Path(src.path)
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for p in files:
@@ -232,9 +239,13 @@ def _load_success(out_dir: Path, digest: str) -> IngestStats | None:
 def _clear_outputs(out_dir: Path) -> None:
     # The marker goes first: a run killed while rewriting must never look complete.
     (out_dir / SUCCESS).unlink(missing_ok=True)
-    for directory in (out_dir, out_dir / "quarantine"):
-        for p in directory.glob("shard-*.parquet*"):  # shards and their manifests
-            p.unlink()
+    (out_dir / "_SUCCESS.json").unlink(missing_ok=True)  # the marker's visible name in earlier versions
+    # out_dir / "quarantine": where earlier versions kept the quarantine, inside the split
+    for directory in (out_dir, quarantine_dir(out_dir), out_dir / "quarantine"):
+        for p in [*directory.glob("shard-*.parquet*"), *directory.glob(".shard-*.parquet.manifest.json")]:
+            p.unlink()  # shards and their manifests
+    if (out_dir / "quarantine").is_dir() and not any((out_dir / "quarantine").iterdir()):
+        (out_dir / "quarantine").rmdir()
 
 
 def _write_success(out_dir: Path, digest: str, stats: IngestStats) -> None:

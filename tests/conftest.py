@@ -59,3 +59,39 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def write_curated_root(root: Path, run_id: str = "r1") -> Path:
+    """A run's on-disk outputs and catalog rows without a model: a real ingest of 5 rows (1 malformed), one
+    iteration's weights (one sample dropped, one weighted 2) and its train set, recorded as completed."""
+    from flows.config import parse_config
+    from storage.catalog import Catalog
+    from storage.layout import RunPaths
+    from storage.shards import list_shards, read_shard, write_shard
+    from tasks.ingest import ingest_split
+    from tasks.train import build_train_set
+    import pyarrow as pa
+
+    paths = RunPaths(root, run_id)
+    data = root.parent / f"{root.name}-data"
+    data.mkdir(parents=True, exist_ok=True)
+    rows = [{"instruction": f"Add 1 and {i}.", "output": str(i + 1)} for i in range(3)]
+    (data / "alpaca.json").write_text(json.dumps(rows + [{"instruction": "No answer."}]))
+    (data / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "Hi?"},
+                                                              {"role": "assistant", "content": "Hello."}]}) + "\n")
+    cfg = parse_config({"run_id": run_id, "root": str(root), "data": {
+        "pool": [{"path": "alpaca.json", "source": "alpaca"}, {"path": "chat.jsonl", "source": "chat"}],
+        "validation": "chat.jsonl"}, "select": {"budget": 0.75}}, data)
+    ingest_split(cfg.data.pool, paths.split_dir("pool"), "pool", max_chars=1000, shard_rows=2)
+    pool = list_shards(paths.split_dir("pool"))
+    ids = [s for p in pool for s in read_shard(p)["sample_id"].to_pylist()]
+    weights = pa.table({"sample_id": ids, "weight": [2.0, 1.0, 0.0, 1.0], "selected": [True, True, False, True],
+                        "reason": ["", "", "budget", ""], "method": ["topk"] * 4})
+    write_shard(weights, paths.weights(1))
+    build_train_set(pool, paths.weights(1), set(), [], [], [], paths.train_set(1))
+    catalog = Catalog(paths.catalog)
+    catalog.upsert_run(run_id, cfg.to_dict(), cfg.fingerprint(), str(root), "completed", None)
+    catalog.upsert_iteration(run_id, 1, "fp", str(paths.adapter(1)), "completed", None)
+    catalog.record_weights(run_id, 1, 1, paths.weights(1))
+    catalog.refresh_parquet_views()
+    return root

@@ -17,7 +17,7 @@ import pytest
 from flows.cli import main
 from flows.config import SourceConfig
 from storage.shards import read_shard
-from tasks.ingest import RAW_CHARS, IngestError, ingest_split
+from tasks.ingest import RAW_CHARS, SUCCESS, IngestError, ingest_split, quarantine_dir
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 MB = 1 << 20
@@ -127,7 +127,7 @@ def test_duplicates_point_at_the_kept_row_and_own_ids_stay_in_meta(tmp_path):
 def test_unreadable_inputs_stop_ingest_naming_the_file(name, tmp_path):
     with pytest.raises(IngestError, match=REFUSED[name]):
         ingest(tmp_path, CORPUS / name)
-    assert not (tmp_path / "out" / "_SUCCESS.json").exists()  # nothing half-ingested looks complete
+    assert not (tmp_path / "out" / SUCCESS).exists()  # nothing half-ingested looks complete
 
 
 def test_a_10_mb_row_is_quarantined_with_a_bounded_copy(tmp_path):
@@ -191,7 +191,7 @@ def test_a_validation_split_without_one_usable_row_is_an_error(tmp_path):
     with pytest.raises(IngestError, match=r"validation: no usable rows in .*nan_values_bad\.jsonl: 3 read, all "
                                           r"quarantined \{'wrong_type': 3\}"):
         ingest(tmp_path, bad, split="validation")
-    assert read_shard(tmp_path / "out" / "quarantine" / "shard-00000.parquet").num_rows == 3  # still inspectable
+    assert read_shard(quarantine_dir(tmp_path / "out") / "shard-00000.parquet").num_rows == 3  # still inspectable
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -86,7 +86,7 @@ def test_alpaca_json_array(tmp_path):
     assert rows[1]["meta"]["row"] == 1  # 0-based index in a JSON array
     assert rows[0]["sample_id"] == make_id("Add the numbers.\n\n2 and 3", "5")
     assert rows[0]["question_id"] == make_id("Add the numbers.\n\n2 and 3")
-    assert stats.quarantine == [] and not (tmp_path / "out" / "quarantine").exists()
+    assert stats.quarantine == [] and not (tmp_path / "quarantine").exists()
     assert_reconciles(stats)
 
 

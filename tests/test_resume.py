@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from storage.catalog import Catalog
-from storage.shards import read_manifest
+from storage.shards import MANIFEST_SUFFIX, read_manifest, shard_of_manifest
 from tests.conftest import REPO, write_tiny_run
 
 pytestmark = pytest.mark.slow
@@ -43,8 +43,8 @@ def kill_when(proc: subprocess.Popen, marker: Path, timeout: float = 300) -> Non
 def outputs(run_dir: Path) -> dict[str, str]:
     """Every shard's sha256 from its manifest, by path relative to the run directory."""
     found = {}
-    for manifest in run_dir.rglob("*.manifest.json"):
-        shard = manifest.with_name(manifest.name.removesuffix(".manifest.json"))
+    for manifest in run_dir.rglob("*" + MANIFEST_SUFFIX):
+        shard = shard_of_manifest(manifest)
         found[str(shard.relative_to(run_dir))] = read_manifest(shard)["sha256"]
     return found
 
@@ -58,8 +58,8 @@ def reference(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("kill_point", [
-    "iter-001/scores/shard-00001.parquet.manifest.json",   # in the middle of scoring
-    "iter-002/train_set.parquet.manifest.json",            # just before the second round's training
+    "iter-001/scores/.shard-00001.parquet.manifest.json",   # in the middle of scoring
+    "iter-002/.train_set.parquet.manifest.json",            # just before the second round's training
 ])
 def test_killed_run_resumes_to_the_same_outputs(reference, tiny_model_dir, tmp_path, kill_point):
     # same data files as the reference (their paths are part of each row's meta), a different root

@@ -17,8 +17,8 @@ import yaml
 
 from flows.curate import curate
 from storage.inputs import describe_inputs, is_current, recorded_inputs
-from storage.shards import (MANIFEST_SUFFIX, read_manifest, read_shard, remove_shards_except, write_directory_manifest,
-                            write_shard)
+from storage.shards import (MANIFEST_SUFFIX, read_manifest, read_shard, remove_shards_except, shard_of_manifest,
+                            write_directory_manifest, write_shard)
 from tasks.models import model_fingerprint
 from tests.conftest import DEMO, write_tiny_run
 from tests.tiny import build_model_dir
@@ -26,6 +26,7 @@ from tests.tiny import build_model_dir
 # output path (relative to the run directory) -> the stage that writes it
 STAGES = [
     (r"^(pool|validation|test)/", r"ingest-\1"),
+    (r"^quarantine/(pool|validation|test)/", r"ingest-\1"),
     (r"^iter-000/evaluation", "evaluate-base"),
     (r"^reference/", "reference"),
     (r"^iter-(\d+)/scores/diversity", r"diversity-it\1"),
@@ -44,8 +45,7 @@ def written(run_dir: Path) -> dict[str, float]:
     """When each output of a run was written: shards by their manifest, directories by MANIFEST.json."""
     found = {}
     for manifest in run_dir.rglob("*" + MANIFEST_SUFFIX):
-        found[str(manifest.relative_to(run_dir)).removesuffix(MANIFEST_SUFFIX)] = \
-            json.loads(manifest.read_text())["created_at"]
+        found[str(shard_of_manifest(manifest).relative_to(run_dir))] = json.loads(manifest.read_text())["created_at"]
     for manifest in run_dir.rglob("MANIFEST.json"):
         found[str(manifest.parent.relative_to(run_dir))] = json.loads(manifest.read_text())["created_at"]
     return found
@@ -101,8 +101,8 @@ def test_shards_left_from_a_larger_computation_are_removed(tmp_path):
     assert remove_shards_except(tmp_path, [tmp_path / "shard-00000.parquet"]) == [
         tmp_path / "shard-00001.parquet", tmp_path / "shard-00002.parquet"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "diversity.parquet", "diversity.parquet.manifest.json", "shard-00000.parquet",
-        "shard-00000.parquet.manifest.json"]
+        ".diversity.parquet.manifest.json", ".shard-00000.parquet.manifest.json", "diversity.parquet",
+        "shard-00000.parquet"]
 
 
 def test_model_fingerprint_changes_when_weights_change_in_place(tmp_path):

@@ -45,7 +45,8 @@ def test_write_shard_leaves_only_shard_and_manifest(tmp_path):
     path = tmp_path / shard_name(0)
     manifest = write_shard(_table(), path, producer="task-1")
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, manifest_path(path).name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [manifest_path(path).name, path.name]
+    assert manifest_path(path).name.startswith(".")  # hidden: `datasets.load_dataset` skips it
     assert manifest["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert manifest["rows"] == 5 and manifest["producer"] == "task-1"
     assert json.loads(manifest_path(path).read_text()) == manifest

@@ -9,7 +9,7 @@ Smoke test (about 3 minutes for all variants on a busy 2-core machine; --samples
     python benchmarks/scoring/run.py --samples 8 --out /tmp/scoring-smoke.json
 
 Data: the first N rows (file order) of ../shared/data/alpaca_subset.json; prompt = instruction, plus
-"\\n\\n" + input when input is non-empty (`tasks.formats.alpaca_prompt`), both sides stripped as ingest does;
+"\\n\\n" + input when input is non-empty (`tasks.row_formats.alpaca_prompt`), both sides stripped as ingest does;
 inputs are `prompt_ids + response_ids` from `tasks.tokens.encode_pairs` (chat template, eos appended),
 max_seq_len 512. Model: the default model (SmolLM2-135M-Instruct) from `tasks.models.load_model`.
 
@@ -72,7 +72,7 @@ GOAL_OVERHEAD = 0.10
 
 def load_pairs(path: Path, n: int) -> list[tuple[str, str]]:
     """(prompt, response) of the first n Alpaca rows, built and stripped as tasks.ingest does."""
-    from tasks.formats import alpaca_prompt
+    from tasks.row_formats import alpaca_prompt
 
     rows = json.loads(Path(path).read_text())
     if n > len(rows):

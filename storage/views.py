@@ -1,0 +1,48 @@
+"""Parquet-backed views over every run under a catalog's root: scores, pool, generations, train_sets,
+generation_weights and regenerated.
+
+Two copies of the same SQL. `curate sql` and `connect()` create TEMP views per read-only session, so they see
+the files there are now, under the root where the catalog is now. The flow also stores them in catalog.duckdb
+itself at the end of each run (`Catalog.refresh_parquet_views`), so the `duckdb` CLI or a notebook that opens
+the file read-only finds them too; those name the root by its absolute path at that time (a moved root needs
+a rerun, or `connect()`), and a TEMP view of the same name shadows the stored one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+PARQUET_VIEWS = {
+    "scores": "runs/*/iter-*/scores/*.parquet",
+    "pool": "runs/*/pool/shard-*.parquet",
+    "generations": "runs/*/iter-*/generations/shard-*.parquet",
+    "train_sets": "runs/*/iter-*/train_set.parquet",
+    "generation_weights": "runs/*/iter-*/generation_weights/shard-*.parquet",
+}
+# Which responses were regenerated for a question, by which adapter (the previous iteration's; NULL = the base
+# model), with what weight; needs both Parquet views.
+REGENERATED_VIEW = """CREATE OR REPLACE {kind} VIEW regenerated AS
+    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator,
+           prev.adapter_path AS generated_by_adapter, w.weight, w.ratio, w.method, w.reason
+    FROM generations g JOIN generation_weights w USING (run_id, response_id)
+    LEFT JOIN iterations prev ON prev.run_id = g.run_id AND prev.iteration = g.iteration - 1"""
+
+
+def create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path, temporary: bool = True) -> list[str]:
+    """Create (or replace) the views whose files exist under `root`; returns their names."""
+    kind = "TEMP" if temporary else ""
+    created = []
+    for name, pattern in PARQUET_VIEWS.items():
+        if not any(root.glob(pattern)):
+            continue  # read_parquet fails on a glob that matches nothing
+        # DDL takes no bound parameters; the path is our own root, quoted as a SQL string literal.
+        literal = "'" + str(root / pattern).replace("'", "''") + "'"
+        con.execute(f"CREATE OR REPLACE {kind} VIEW {name} AS SELECT *, "
+                    f"regexp_extract(filename, '/runs/([^/]+)/', 1) AS run_id "
+                    f"FROM read_parquet({literal}, filename = true, union_by_name = true)")
+        created.append(name)
+    if {"generations", "generation_weights"} <= set(created):
+        con.execute(REGENERATED_VIEW.format(kind=kind))
+        created.append("regenerated")
+    return created
