@@ -128,6 +128,23 @@ def token_logprobs(client: VllmClient, encoded: list, adapter: str | None) -> li
     return out
 
 
+def generation_logp(client: VllmClient, encoded: list, completions: list[Completion],
+                    adapter: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """logp_gen and token counts of the responses' training tokens. Where they are exactly the generated tokens
+    (the model stopped on end of turn and the text re-tokenizes to the same ids) the generation's own log-probs
+    are summed; the rest (cut at max_tokens, a different re-tokenization) are scored with prompt_logprobs."""
+    logp = np.zeros(len(encoded), dtype=np.float64)
+    rescore = []
+    for i, (e, c) in enumerate(zip(encoded, completions)):
+        if c.finish_reason == "stop" and c.token_ids == e.response_ids and e.response_ids:
+            logp[i] = float(np.sum(np.asarray(c.logprobs, dtype=np.float32)))
+        else:
+            rescore.append(i)
+    for i, row in zip(rescore, token_logprobs(client, [encoded[i] for i in rescore], adapter)):
+        logp[i] = float(row.astype(np.float64).sum()) if len(row) else math.nan  # nothing fits: NaN, as with hf
+    return logp, np.array([len(e.response_ids) for e in encoded], dtype=np.int64)
+
+
 def response_nll(client: VllmClient, encoded: list, adapter: str | None) -> tuple[np.ndarray, np.ndarray]:
     """Mean response NLL per sample (NaN when nothing of the response is left) and token counts, as
     tasks/nll.py's `response_nll` returns them."""
