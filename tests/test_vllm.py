@@ -81,6 +81,7 @@ def test_per_token_logprobs_agree_with_transformers(vllm_model, vllm_url, with_a
     served = vllm_client.token_logprobs(VllmClient(vllm_url), encoded, adapter)
     assert [len(x) for x in served] == [len(e.response_ids) for e in encoded]
     worst = max(float(np.abs(a - b).max()) for a, b in zip(hf, served))
+    print(f"largest per-token difference ({'adapter' if adapter else 'base'}): {worst:.2e}")  # shown with -rP
     assert worst < TOLERANCE, f"largest per-token difference {worst:.2e}"
 
 
