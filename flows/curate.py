@@ -19,7 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.artifacts import publish_iteration
 from flows.config import CurateConfig, load_config, parse_config
 from flows.report import write_report
-from flows.runners import shard_task_runner
+from flows.runners import model_server, shard_task_runner
 from flows.series import finish_series_run, scheduled_time, series_run_id
 from flows.stages import (bds_task, diversity_task, evaluate_task, exemplars_task, generate_task, ingest_task,
                           iterit_task, plan_task, reference_task, reweight_task, score_task, select_task,
@@ -59,8 +59,10 @@ def _record_shards(catalog: Catalog, run_id: str, iteration: int, kind: str, pat
 
 
 @flow(name="curate-iteration", flow_run_name=_iteration_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
-def curate_iteration(config: dict, iteration: int, root: str, reference_adapter: str | None = None) -> dict:
-    """One round of the loop; the previous round's adapter is this round's model."""
+def curate_iteration(config: dict, iteration: int, root: str, reference_adapter: str | None = None,
+                     vllm_url: str = "") -> dict:
+    """One round of the loop; the previous round's adapter is this round's model. `vllm_url`: the run's vLLM
+    server (backend: vllm), which generates, answers and scores."""
     cfg = parse_config(config)
     log = get_run_logger()
     paths = RunPaths(Path(root), cfg.run_id)
@@ -84,7 +86,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     # all shards at once: the task runner spreads them over its workers (threads: one after another)
     futures = [score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}").submit(
         shard, out, m.name, m.dtype, previous, m.max_seq_len, iteration, cfg.score, reference_adapter,
-        exemplars, paths.score_cache, trust_remote_code=m.trust_remote_code) for shard, out in submitted]
+        exemplars, paths.score_cache, trust_remote_code=m.trust_remote_code, vllm_url=vllm_url)
+        for shard, out in submitted]
     for (shard, out), future in zip(submitted, futures):
         done = future.result()
         log.info("scored %s in process %s (models loaded there so far: %d)", shard.name, done["process"],
@@ -157,12 +160,12 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
             generated = generate_task.with_options(task_run_name=f"generate-{name}").submit(
                 shard, out, m.name, m.dtype, previous, params, m.max_seq_len, cfg.score.batch_tokens,
                 cfg.seed * 1_000_003 + iteration * 1_009 + index * 101, iteration, chosen,
-                trust_remote_code=m.trust_remote_code)
+                trust_remote_code=m.trust_remote_code, vllm_url=vllm_url)
             w_out = paths.generation_weights_dir(iteration) / shard.name
             reweighted = reweight_task.with_options(task_run_name=f"reweight-{name}").submit(
                 out, w_out, cfg.reweight, m.name, m.dtype, None if chosen.model else previous, aligned,
                 m.max_seq_len, cfg.score.batch_tokens, chosen, trust_remote_code=m.trust_remote_code,
-                wait_for=[generated])
+                vllm_url=vllm_url, wait_for=[generated])
             futures.append((shard, out, w_out, generated, reweighted))
         for shard, out, w_out, generated, reweighted in futures:
             for stage, done in (("generated", generated.result()), ("reweighted", reweighted.result())):
@@ -198,7 +201,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
     metrics = evaluate_task.with_options(task_run_name=f"evaluate-{run_id}-it{iteration}")(
         paths.evaluation(iteration), validation, test, m.name, m.dtype, str(adapter), m.max_seq_len,
-        cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate, trust_remote_code=m.trust_remote_code)
+        cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate, trust_remote_code=m.trust_remote_code,
+        vllm_url=vllm_url)
     catalog.record_metrics(run_id, iteration, "evaluate", metrics)
     catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
     generated = sum(read_manifest(p)["rows"] for p in generations)
@@ -238,7 +242,8 @@ def curate(config_path: str, run_id: str = "", root: str = "", series: str = "",
         log.info("run %s: storage %s%s", cfg.run_id, paths.run_dir,
                  f" (series {series}, predecessor {predecessor})" if series else "")
         try:
-            summary = _curate_run(cfg, paths, catalog, log)
+            with model_server(cfg, paths.run_dir / "vllm-server.log") as vllm_url:  # "" with backend: hf
+                summary = _curate_run(cfg, paths, catalog, log, vllm_url)
             if series:
                 summary = {**summary, "predecessor": predecessor, **finish_series_run(catalog, series, summary)}
         except Exception:  # a killed process stays "running" until its rerun; a failed one says so
@@ -250,7 +255,7 @@ def curate(config_path: str, run_id: str = "", root: str = "", series: str = "",
     return {**summary, "seconds": round(time.time() - started, 1)}
 
 
-def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> dict:
+def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_url: str = "") -> dict:
     """Ingest, the base evaluation, the reference adapter and every iteration; the run's summary."""
     ingested = {}
     for split in SPLITS:
@@ -271,7 +276,7 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> di
     before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
         paths.evaluation(0), list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test")),
         m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate,
-        trust_remote_code=m.trust_remote_code)
+        trust_remote_code=m.trust_remote_code, vllm_url=vllm_url)
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
     reference = None
@@ -290,7 +295,8 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log) -> di
 
     with shard_task_runner(cfg.runner) as runner:
         iterate = curate_iteration.with_options(task_runner=runner)
-        rounds = [iterate(cfg.to_dict(), it, str(paths.root), reference) for it in range(1, cfg.iterations + 1)]
+        rounds = [iterate(cfg.to_dict(), it, str(paths.root), reference, vllm_url)
+                  for it in range(1, cfg.iterations + 1)]
     return {
         "run_id": cfg.run_id,
         "rows_in": ingested["pool"]["rows_in"],

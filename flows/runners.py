@@ -16,16 +16,20 @@ Workers report their task runs to the Prefect API of the flow. Without PREFECT_A
 temporary local server, which other processes cannot find on their own (each would start its own); so
 `prefect_api_for_workers` starts that server before the flow and hands its address to the workers. Workers on
 other machines need a server they can reach: PREFECT_API_URL of a `prefect server start --host 0.0.0.0`.
+
+With `backend: vllm` the model runs in a vLLM server beside them (`model_server`): one per run, started before
+the base evaluation and stopped after the last iteration (or on an error); every task sends it requests.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from flows.config import ConfigError, RunnerConfig
+from flows.config import ConfigError, CurateConfig, RunnerConfig
 
 
 def torch_threads(cfg: RunnerConfig) -> int:
@@ -93,3 +97,23 @@ def shard_task_runner(cfg: RunnerConfig) -> Iterator[TaskRunner]:
             yield RayTaskRunner(address=cfg.address, init_kwargs={"runtime_env": runtime_env})
         else:
             yield RayTaskRunner(init_kwargs={"num_cpus": cfg.workers, "runtime_env": runtime_env})
+
+
+@contextmanager
+def model_server(cfg: CurateConfig, log_path: Path) -> Iterator[str]:
+    """The URL of the run's vLLM server (started here unless `vllm.url` names one), or "" for backend: hf."""
+    if cfg.backend != "vllm":
+        yield ""
+        return
+    from tasks.models import resolve_model
+    from tasks.vllm_server import vllm_server
+
+    v = cfg.vllm
+    with vllm_server(resolve_model(cfg.model.name), cfg.model.dtype, python=str(Path(v.python).absolute()),
+                     log_path=log_path, url=v.url, port=v.port, max_lora_rank=cfg.train.lora_r,
+                     lora_target_modules=cfg.train.target_modules, tensor_parallel_size=v.tensor_parallel_size,
+                     max_model_len=v.max_model_len, kvcache_space_gib=v.kvcache_space_gib,
+                     cpu_threads=v.cpu_threads, enforce_eager=v.enforce_eager,
+                     startup_timeout_s=v.startup_timeout_s,
+                     extra_args=[*v.extra_args, *(["--trust-remote-code"] if cfg.model.trust_remote_code else [])]) as url:
+        yield url

@@ -64,12 +64,12 @@ def ingest_task(sources, out_dir, split, max_chars, shard_rows) -> dict:
 
 @task(name="score", **RETRIES)
 def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, iteration, cfg, reference_adapter,
-               exemplars_path, cache_dir, *, trust_remote_code: bool = False) -> dict:
+               exemplars_path, cache_dir, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
     metrics = [m for m in cfg.metrics if m != "diversity"]  # diversity is pool-level: diversity_task
     return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, cfg.batch_tokens,
                                     iteration, metrics, reference_adapter, exemplars_path, cfg.sppl_k,
                                     cache_dir if cfg.cache else None, producer(),
-                                    trust_remote_code=trust_remote_code))
+                                    trust_remote_code=trust_remote_code, vllm_url=vllm_url))
 
 
 @task(name="diversity", **RETRIES)
@@ -111,12 +111,12 @@ def plan_task(pool_shards, weights_path, out_dir, refine, fraction, shard_rows, 
 
 @task(name="generate", **RETRIES)
 def generate_task(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len, batch_tokens, seed,
-                  iteration, strategy, *, trust_remote_code: bool = False) -> dict:
+                  iteration, strategy, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
     if strategy.model:  # another generator: its own weights, no adapter of ours
         model_name, adapter = strategy.model, None
     return report(generate.generate_shard(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len,
                                           batch_tokens, seed, iteration, producer(), strategy.template,
-                                          trust_remote_code=trust_remote_code))
+                                          trust_remote_code=trust_remote_code, vllm_url=vllm_url))
 
 
 @task(name="choose-strategy", **RETRIES)
@@ -132,11 +132,11 @@ def strategy_task(strategies, questions, out_path, model_name, dtype, adapter, e
 
 @task(name="reweight", **RETRIES)
 def reweight_task(generation_shard, out_path, cfg, model_name, dtype, generator_adapter, aligned_adapter,
-                  max_seq_len, batch_tokens, strategy, *, trust_remote_code: bool = False) -> dict:
+                  max_seq_len, batch_tokens, strategy, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
     return report(reweight.reweight_shard(generation_shard, out_path, cfg.method, model_name, dtype,
                                           generator_adapter, aligned_adapter, max_seq_len, batch_tokens, cfg.c_max,
                                           strategy.template, strategy.model, producer(),
-                                          trust_remote_code=trust_remote_code))
+                                          trust_remote_code=trust_remote_code, vllm_url=vllm_url))
 
 
 @task(name="train-set", **RETRIES)
@@ -156,10 +156,10 @@ def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_le
 
 @task(name="evaluate", **RETRIES)
 def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens, harmful_prompts,
-                  cfg, *, trust_remote_code: bool = False) -> dict:
+                  cfg, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
     return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
                                      batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer(),
-                                     trust_remote_code=trust_remote_code)
+                                     trust_remote_code=trust_remote_code, vllm_url=vllm_url)
 
 
 @task(name="bds", **RETRIES)

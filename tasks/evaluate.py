@@ -14,20 +14,27 @@ import pyarrow as pa
 
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_shard, write_shard
-from tasks.models import load_model, model_fingerprint
+from tasks.models import load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
 from tasks.tokens import encode_pairs
 
 
 def split_loss(shards: list[Path], model_name: str, dtype: str, adapter: str | None, max_seq_len: int,
-               batch_tokens: int, *, trust_remote_code: bool = False) -> float:
+               batch_tokens: int, *, trust_remote_code: bool = False, vllm_url: str = "") -> float:
     """Mean of per-sample response losses over a split (NaN rows, which did not fit, are left out)."""
     if not shards:
         return float("nan")
     table = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in shards])
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
-    encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
-    losses, _ = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
+    if vllm_url:
+        from tasks import vllm_client
+
+        tokenizer = load_tokenizer(model_name, trust_remote_code)
+        encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
+        losses, _ = vllm_client.response_nll(vllm_client.VllmClient(vllm_url), encoded, adapter)
+    else:
+        model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
+        encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
+        losses, _ = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
     return float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan")
 
 
@@ -46,12 +53,18 @@ def is_refusal(text: str) -> bool:
 
 
 def refusal_answers(prompts: list[str], model_name: str, dtype: str, adapter: str | None, max_new_tokens: int,
-                    batch_size: int, *, trust_remote_code: bool = False) -> list[str]:
+                    batch_size: int, *, trust_remote_code: bool = False, vllm_url: str = "") -> list[str]:
     """The model's greedy answer to each prompt (refusal and exact-match evaluations)."""
-    from tasks.generate import SamplingParams, sample_responses
+    from tasks.generate import SamplingParams, sample_responses, sample_responses_vllm
 
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
     params = SamplingParams(1, 0.0, 1.0, max_new_tokens, batch_size)
+    if vllm_url:
+        from tasks.vllm_client import VllmClient
+
+        tokenizer = load_tokenizer(model_name, trust_remote_code)
+        answers, _ = sample_responses_vllm(VllmClient(vllm_url), tokenizer, prompts, params, 0, adapter=adapter)
+        return [group[0] for group in answers]
+    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
     return [group[0] for group in sample_responses(model, tokenizer, prompts, params, seed=0)]
 
 
@@ -75,12 +88,13 @@ def auroc(scores, labels) -> float:
 
 
 def evaluate_model(validation: list[Path], test: list[Path], model_name: str, dtype: str, adapter: str | None,
-                   max_seq_len: int, batch_tokens: int, *, trust_remote_code: bool = False) -> dict[str, float]:
+                   max_seq_len: int, batch_tokens: int, *, trust_remote_code: bool = False,
+                   vllm_url: str = "") -> dict[str, float]:
     return {
         "validation_loss": split_loss(validation, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                                      trust_remote_code=trust_remote_code),
+                                      trust_remote_code=trust_remote_code, vllm_url=vllm_url),
         "test_loss": split_loss(test, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                                trust_remote_code=trust_remote_code),
+                                trust_remote_code=trust_remote_code, vllm_url=vllm_url),
     }
 
 
@@ -96,25 +110,25 @@ def exact_match_rows(test: list[Path]) -> tuple[list[str], list[str]]:
 def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], model_name: str, dtype: str,
                      adapter: str | None, max_seq_len: int, batch_tokens: int, harmful_prompts: list[str] = (),
                      max_new_tokens: int = 48, batch_size: int = 16, producer: str = "", *,
-                     trust_remote_code: bool = False) -> dict[str, float]:
+                     trust_remote_code: bool = False, vllm_url: str = "") -> dict[str, float]:
     """Losses, refusal rate on `harmful_prompts` and exact match on the test rows with a `#### n` answer,
     stored as a one-row-per-metric shard (a rerun reads it); the generated answers go beside it
     (<name>-answers.parquet: task, prompt, answer, refused / correct)."""
     inputs = describe_inputs([*validation, *test], [model_fingerprint(model_name, adapter)], dtype=dtype,
                              max_seq_len=max_seq_len, batch_tokens=batch_tokens,
                              harmful_prompts=texts_digest(harmful_prompts), max_new_tokens=max_new_tokens,
-                             batch_size=batch_size)
+                             batch_size=batch_size, **({"backend": "vllm"} if vllm_url else {}))
     if is_current(out_path, inputs):
         table = read_shard(out_path)
         return dict(zip(table["metric"].to_pylist(), table["value"].to_pylist()))
     from tasks.sppl import is_correct
 
     metrics = evaluate_model(validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                             trust_remote_code=trust_remote_code)
+                             trust_remote_code=trust_remote_code, vllm_url=vllm_url)
     answers = {"task": [], "prompt": [], "answer": [], "ok": []}
     if harmful_prompts:
         replies = refusal_answers(list(harmful_prompts), model_name, dtype, adapter, max_new_tokens, batch_size,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, vllm_url=vllm_url)
         refused = [is_refusal(a) for a in replies]
         metrics["refusal_rate"] = float(np.mean(refused))
         answers["task"] += ["refusal"] * len(replies)
@@ -124,7 +138,7 @@ def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], m
     questions, references = exact_match_rows(test)
     if questions:
         replies = refusal_answers(questions, model_name, dtype, adapter, max_new_tokens, batch_size,
-                                  trust_remote_code=trust_remote_code)
+                                  trust_remote_code=trust_remote_code, vllm_url=vllm_url)
         correct = [is_correct(a, r) for a, r in zip(replies, references)]
         metrics["exact_match"] = float(np.mean(correct))
         answers["task"] += ["exact_match"] * len(replies)

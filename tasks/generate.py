@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from storage.inputs import describe_inputs, is_current
 from storage.shards import manifest_path, read_manifest, read_shard, shard_name, write_shard
 from tasks.ingest import make_id
-from tasks.models import load_model, model_fingerprint, render_prompt
+from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt
 from tasks.nll import response_nll, run_halving_on_oom
 from tasks.tokens import encode_pairs
 
@@ -90,14 +90,31 @@ def apply_template(template: str, question: str) -> str:
     return template.replace("{question}", question)
 
 
+def prompt_ids(tokenizer, questions: list[str], template: str = "{question}") -> list[list[int]]:
+    """Each question as the generator sees it: the strategy's template, then the chat template, as token ids."""
+    return [tokenizer(render_prompt(tokenizer, apply_template(template, q)), add_special_tokens=False)["input_ids"]
+            for q in questions]
+
+
+def sample_responses_vllm(client, tokenizer, questions: list[str], params: SamplingParams, seed: int,
+                          template: str = "{question}", adapter: str | None = None):
+    """sample_responses through a vLLM server (backend: vllm): (texts, completions) per question. The text is
+    our tokenizer's decoding of the generated ids, as on the transformers path."""
+    from tasks.vllm_client import complete_all
+
+    completions = complete_all(client, prompt_ids(tokenizer, questions, template), adapter, params.num_responses,
+                               params.temperature, params.top_p, params.max_new_tokens, seed)
+    texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in group] for group in completions]
+    return texts, completions
+
+
 def sample_responses(model, tokenizer, questions: list[str], params: SamplingParams, seed: int,
                      template: str = "{question}") -> list[list[str]]:
     """G sampled responses per question, batched with left padding; reproducible for a given seed.
     `template` wraps each question before the chat template (a generation strategy's prompt)."""
     import torch
 
-    prompts = [tokenizer(render_prompt(tokenizer, apply_template(template, q)), add_special_tokens=False)["input_ids"]
-               for q in questions]
+    prompts = prompt_ids(tokenizer, questions, template)
     out: dict[int, list[str]] = {}
 
     def generate(index: list[int]) -> None:
@@ -129,35 +146,69 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
 
 def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
                    params: SamplingParams, max_seq_len: int, batch_tokens: int, seed: int, iteration: int,
-                   producer: str = "", template: str = "{question}", *, trust_remote_code: bool = False) -> dict:
+                   producer: str = "", template: str = "{question}", *, trust_remote_code: bool = False,
+                   vllm_url: str = "") -> dict:
     """G responses for each question of a refine shard. logp_gen is the generator's log-probability of the
-    response's training tokens given the prompt it actually saw (the strategy's template applied)."""
+    response's training tokens given the prompt it actually saw (the strategy's template applied).
+    `vllm_url`: generate through that vLLM server (backend: vllm) instead of transformers."""
     fingerprint = model_fingerprint(model_name, adapter)
     inputs = describe_inputs([refine_shard], [fingerprint], dtype=dtype, params=params, max_seq_len=max_seq_len,
-                             batch_tokens=batch_tokens, seed=seed, iteration=iteration, template=template)
+                             batch_tokens=batch_tokens, seed=seed, iteration=iteration, template=template,
+                             **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     table = read_shard(refine_shard)
     questions = table["prompt"].to_pylist()
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
-    responses: list[list[str]] = []
-    with tqdm(total=len(questions), desc=f"generate {Path(refine_shard).stem}", unit="question", leave=False) as bar:
-        for start in range(0, len(questions), params.batch_size):
-            chunk = questions[start: start + params.batch_size]
-            responses += sample_responses(model, tokenizer, chunk, params, seed + start, template)
-            bar.update(len(chunk))
+    if vllm_url:
+        responses, logp_gen, counts = _generate_vllm(vllm_url, model_name, adapter, questions, params, max_seq_len,
+                                                     seed, template, trust_remote_code)
+    else:
+        responses, logp_gen, counts = _generate_hf(model_name, dtype, adapter, questions, params, max_seq_len,
+                                                   batch_tokens, seed, template, Path(refine_shard).stem,
+                                                   trust_remote_code)
     flat_q = [i for i, group in enumerate(responses) for _ in group]
     flat_r = [r for group in responses for r in group]
-    encoded = encode_pairs(tokenizer, [apply_template(template, questions[i]) for i in flat_q], flat_r, max_seq_len)
-    losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
     qids, sources = table["question_id"].to_pylist(), table["source"].to_pylist()
     out = pa.table({
         "question_id": [qids[i] for i in flat_q],
         "response_id": [make_id(qids[i], r, str(k % params.num_responses)) for k, (i, r) in enumerate(zip(flat_q, flat_r))],
         "sample_id": [make_id(questions[i], r) for i, r in zip(flat_q, flat_r)],
         "source": [sources[i] for i in flat_q], "prompt": [questions[i] for i in flat_q], "response": flat_r,
-        "logp_gen": -(losses.astype(np.float64) * counts), "n_tokens": counts,
+        "logp_gen": logp_gen, "n_tokens": counts,
         "generator": [fingerprint] * len(flat_r), "iteration": [iteration] * len(flat_r),
         "seed": [seed] * len(flat_r),
     }, schema=GENERATION_SCHEMA)
     return {**write_shard(out, out_path, producer, inputs), "skipped": False}
+
+
+def _generate_hf(model_name, dtype, adapter, questions, params, max_seq_len, batch_tokens, seed, template, label,
+                 trust_remote_code):
+    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
+    responses: list[list[str]] = []
+    with tqdm(total=len(questions), desc=f"generate {label}", unit="question", leave=False) as bar:
+        for start in range(0, len(questions), params.batch_size):
+            chunk = questions[start: start + params.batch_size]
+            responses += sample_responses(model, tokenizer, chunk, params, seed + start, template)
+            bar.update(len(chunk))
+    encoded = _training_pairs(tokenizer, questions, responses, template, max_seq_len)
+    losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
+    return responses, -(losses.astype(np.float64) * counts), counts
+
+
+def _generate_vllm(url, model_name, adapter, questions, params, max_seq_len, seed, template, trust_remote_code):
+    from tasks.vllm_client import VllmClient, generation_logp
+
+    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    client = VllmClient(url)
+    responses, completions = sample_responses_vllm(client, tokenizer, questions, params, seed, template, adapter)
+    encoded = _training_pairs(tokenizer, questions, responses, template, max_seq_len)
+    logp_gen, counts = generation_logp(client, encoded, [c for group in completions for c in group], adapter)
+    return responses, logp_gen, counts
+
+
+def _training_pairs(tokenizer, questions, responses, template, max_seq_len):
+    """The (prompt, response) token ids that logp_gen scores: the responses' training tokens after the prompt
+    the generator saw."""
+    flat_q = [i for i, group in enumerate(responses) for _ in group]
+    flat_r = [r for group in responses for r in group]
+    return encode_pairs(tokenizer, [apply_template(template, questions[i]) for i in flat_q], flat_r, max_seq_len)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
-from tasks.models import load_model, model_fingerprint, render_prompt
+from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt
 from tasks.nll import response_nll
 from tasks.sppl import sppl_contexts
 from tasks.tokens import pair, tokenize_responses, tokenize_texts
@@ -48,32 +48,46 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: list[str], responses: list[str],
                    metrics: list[str], max_seq_len: int, batch_tokens: int, reference_adapter: str | None = None,
                    exemplars: list[str] | None = None, sppl_k: int = 3, progress=None, *,
-                   trust_remote_code: bool = False) -> dict[str, np.ndarray]:
-    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics."""
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
-    pad = tokenizer.pad_token_id
+                   trust_remote_code: bool = False, vllm_url: str = "") -> dict[str, np.ndarray]:
+    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics.
+    `vllm_url`: the log-probs come from that vLLM server (backend: vllm) instead of transformers."""
+    if vllm_url:
+        from tasks import vllm_client
+
+        client = vllm_client.VllmClient(vllm_url)
+        tokenizer = load_tokenizer(model_name, trust_remote_code)
+
+        def nll(encoded, model_adapter=adapter, bar=None):
+            losses, counts = vllm_client.response_nll(client, encoded, model_adapter)
+            if bar is not None:
+                bar.update(len(encoded))
+            return losses, counts
+    else:
+        model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
+
+        def nll(encoded, model_adapter=adapter, bar=None):
+            scorer = model if model_adapter == adapter else load_model(
+                model_name, dtype, model_adapter, trust_remote_code=trust_remote_code)[0]
+            return response_nll(scorer, encoded, tokenizer.pad_token_id, batch_tokens, bar)
     question_ids = tokenize_texts(tokenizer, [render_prompt(tokenizer, q) for q in questions])
     response_ids = tokenize_responses(tokenizer, responses)  # once: every context scores these same tokens
     room = [len(q) for q in question_ids]  # the question context decides how much of a response fits
     encoded = pair(question_ids, response_ids, room, max_seq_len)
-    loss, counts = response_nll(model, encoded, pad, batch_tokens, progress)
+    loss, counts = nll(encoded, bar=progress)
     out = {"loss": loss, "ppl": np.exp(loss.astype(np.float64)).astype(np.float32), "n_tokens": counts,
            "truncated": np.array([e.truncated for e in encoded])}
     if "ifd" in metrics or "iterit" in metrics:
         empty = tokenize_texts(tokenizer, [render_prompt(tokenizer, "")])[0]
-        alone, _ = response_nll(model, pair([empty] * len(questions), response_ids, room, max_seq_len), pad,
-                                batch_tokens)
+        alone, _ = nll(pair([empty] * len(questions), response_ids, room, max_seq_len))
         out["ifd"] = _ratio(loss, alone)
         out["iterit"] = np.exp(loss.astype(np.float64) - alone.astype(np.float64)).astype(np.float32)
     if "sppl" in metrics:
         contexts, _ = sppl_contexts(tokenizer, questions, [len(e.response_ids) for e in encoded], exemplars or [],
                                     sppl_k, max_seq_len)
-        primed, _ = response_nll(model, pair(tokenize_texts(tokenizer, contexts), response_ids, room, max_seq_len),
-                                 pad, batch_tokens)
+        primed, _ = nll(pair(tokenize_texts(tokenizer, contexts), response_ids, room, max_seq_len))
         out["sppl"] = np.exp(primed.astype(np.float64)).astype(np.float32)
     if "davir" in metrics:
-        reference, _ = load_model(model_name, dtype, reference_adapter, trust_remote_code=trust_remote_code)
-        ref_loss, _ = response_nll(reference, encoded, pad, batch_tokens)
+        ref_loss, _ = nll(encoded, reference_adapter)
         out["davir"] = _ratio(loss - ref_loss, loss)
     return out
 
@@ -88,22 +102,25 @@ def cache_key(shard_sha256: str, fingerprints: list[str], metrics: list[str], ma
 def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
                 max_seq_len: int, batch_tokens: int, iteration: int, metrics: list[str] = ("loss",),
                 reference_adapter: str | None = None, exemplars_path: Path | None = None, sppl_k: int = 3,
-                cache_dir: Path | None = None, producer: str = "", *, trust_remote_code: bool = False) -> dict:
+                cache_dir: Path | None = None, producer: str = "", *, trust_remote_code: bool = False,
+                vllm_url: str = "") -> dict:
     """Score one pool shard; returns its manifest (`skipped` when a verified output already existed,
-    `cached` when the values came from the score cache)."""
+    `cached` when the values came from the score cache). `vllm_url`: log-probs from that vLLM server."""
     metrics = list(metrics)
     fingerprint = model_fingerprint(model_name, adapter)
     fingerprints = [fingerprint] + ([model_fingerprint(model_name, reference_adapter)] if "davir" in metrics else [])
     uses_exemplars = "sppl" in metrics and exemplars_path is not None
     inputs = describe_inputs([pool_shard] + ([exemplars_path] if uses_exemplars else []), fingerprints,
                              metrics=metrics, max_seq_len=max_seq_len, dtype=dtype, sppl_k=sppl_k,
-                             iteration=iteration, version=SCORER_VERSION)  # batch_tokens: speed, not values
+                             iteration=iteration, version=SCORER_VERSION,  # batch_tokens: speed, not values
+                             **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     exemplars = read_shard(exemplars_path)["response"].to_pylist() if uses_exemplars else []
     exemplars_sha = read_manifest(exemplars_path)["sha256"] if exemplars else ""
-    key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, max_seq_len, dtype, sppl_k,
-                    exemplars_sha)
+    # vLLM's values differ from transformers' in the last digits: neither backend reads the other's cache entries
+    key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, max_seq_len,
+                    f"{dtype}+vllm" if vllm_url else dtype, sppl_k, exemplars_sha)
     cached = Path(cache_dir) / f"{key}.parquet" if cache_dir else None
     if cached is not None and shard_is_complete(cached):
         table = read_shard(cached)
@@ -116,7 +133,7 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
         values = compute_scores(model_name, dtype, adapter, table["prompt"].to_pylist(),
                                 table["response"].to_pylist(), metrics, max_seq_len, batch_tokens,
                                 reference_adapter, exemplars, sppl_k, progress=bar,
-                                trust_remote_code=trust_remote_code)
+                                trust_remote_code=trust_remote_code, vllm_url=vllm_url)
     names = ["loss", "ppl"] + [m for m in METRICS[1:] if m in metrics]
     ids = table["sample_id"].to_pylist()
     parts = []

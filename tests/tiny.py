@@ -31,15 +31,16 @@ def build_tokenizer():
     return fast
 
 
-def build_model_dir(path: Path, seed: int = 0) -> Path:
-    """Save a tiny random Llama and its tokenizer to `path`, as a user's local model directory would be."""
+def build_model_dir(path: Path, seed: int = 0, head_dim: int | None = None) -> Path:
+    """Save a tiny random Llama and its tokenizer to `path`, as a user's local model directory would be.
+    `head_dim`: vLLM's CPU attention takes head sizes of 32 and up, not the 8 of hidden 32 / 4 heads."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, head_dim=head_dim,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -47,12 +48,12 @@ def build_model_dir(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def build_trained_model_dir(path: Path, steps: int = 150, seed: int = 0) -> Path:
+def build_trained_model_dir(path: Path, steps: int = 150, seed: int = 0, head_dim: int | None = None) -> Path:
     """A tiny model with a style of its own: fully trained on CORPUS in chat format for a few seconds."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    build_model_dir(path, seed)
+    build_model_dir(path, seed, head_dim)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     texts = []
