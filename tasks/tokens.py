@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tasks.models import end_of_turn_id, render_prompt
+from tasks.models import end_of_turn_ids, render_prompt
 
 
 @dataclass
@@ -23,9 +23,9 @@ class Encoded:
 
 
 def tokenize_responses(tokenizer, responses: list[str]) -> list[list[int]]:
-    """Each response's ids plus the end-of-turn token; computed once per sample for every metric."""
-    eot = end_of_turn_id(tokenizer)
-    return [ids + [eot] for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+    """Each response's ids plus the template's end-of-turn token(s); computed once per sample for every metric."""
+    eot = end_of_turn_ids(tokenizer)
+    return [ids + eot for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_manifest, read_shard, write_directory_manifest, write_shard
-from tasks.models import load_model, model_fingerprint
+from tasks.models import base_model_label, load_model, model_fingerprint
 from tasks.nll import batch_nll
 from tasks.tokens import collate, encode_pairs
 
@@ -128,7 +128,7 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
             steps += 1
         epoch_losses.append(total / max(seen, 1))
     stats = {"steps": steps, "examples": len(usable), "epoch_losses": epoch_losses}
-    save_adapter(model, out_dir, producer, {TRAINING_STATS: stats}, inputs)
+    save_adapter(model, out_dir, model_name, producer, {TRAINING_STATS: stats}, inputs)
     return {"skipped": False, "adapter": str(out_dir), **stats}
 
 
@@ -146,26 +146,29 @@ def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, l
     return model, tokenizer
 
 
-def save_adapter(model, out_dir: Path, producer: str = "", extra_json: dict | None = None,
+def save_adapter(model, out_dir: Path, model_name: str, producer: str = "", extra_json: dict | None = None,
                  inputs: dict | None = None) -> None:
-    """Write the adapter so that it appears only complete: staging dir, manifest, rename. `extra_json` maps
-    file names to objects stored beside the weights (and covered by the manifest); `inputs`: what it was
-    trained from (storage/inputs.py)."""
+    """Write the adapter so that it appears only complete: staging dir, manifest, rename. `model_name`: the
+    configured base model, named in adapter_config.json; `extra_json` maps file names to objects stored beside
+    the weights (and covered by the manifest); `inputs`: what it was trained from (storage/inputs.py)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     for name, obj in (extra_json or {}).items():
         (staging / name).write_text(json.dumps(obj, sort_keys=True))
-    _sort_target_modules(staging / "adapter_config.json")
+    normalize_adapter_config(staging / "adapter_config.json", model_name)
     write_directory_manifest(staging, producer, inputs)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
 
 
-def _sort_target_modules(config_path: Path) -> None:
+def normalize_adapter_config(config_path: Path, model_name: str) -> None:
     """PEFT writes target_modules from a set, in an order that changes with the process's hash seed; sorted,
-    the same adapter is the same bytes and gets the same fingerprint in every process."""
+    the same adapter is the same bytes and gets the same fingerprint in every process. PEFT also names the base
+    by the directory it was loaded from (the cache, for the default model); the config names it as the user
+    did, so the adapter still says what it belongs to on another machine."""
     config = json.loads(config_path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = base_model_label(model_name)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
