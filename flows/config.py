@@ -218,6 +218,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # also train on the validation pairs (uniform weight 1), whatever the selector; `full` always does
     mix_validation: bool = False
+    # multi-turn rows: the loss on the last assistant turn, or on every assistant turn (scoring and selection
+    # use the last turn either way for now)
+    train_on: typing.Literal["last", "all"] = "last"
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)

@@ -151,7 +151,8 @@ def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_le
                trust_remote_code: bool = False) -> dict:
     return report(train.train_lora(train_set, out_dir, model_name, previous_adapter, cfg.epochs, cfg.learning_rate,
         cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-        cfg.max_grad_norm, max_seq_len, seed, producer(), trust_remote_code=trust_remote_code))
+        cfg.max_grad_norm, max_seq_len, seed, producer(), trust_remote_code=trust_remote_code,
+        train_on=cfg.train_on))
 
 
 @task(name="evaluate", **RETRIES)

@@ -187,12 +187,14 @@ def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, train
     return model, tokenizer
 
 
-def render_prompt(tokenizer, question: str) -> str:
-    """The question as the model sees it: its chat template with the assistant turn opened."""
+def render_prompt(tokenizer, question: str, context: list[dict] = ()) -> str:
+    """The question as the model sees it: its chat template with the assistant turn opened, after the
+    conversation's earlier messages (`context`: system and history, tasks/conversation.py)."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": question}]
+        messages = [*context, {"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return FALLBACK_TEMPLATE.format(question=question)
+    earlier = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in context)
+    return earlier + FALLBACK_TEMPLATE.format(question=question)
 
 
 def end_of_turn_text(tokenizer) -> str:

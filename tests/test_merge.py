@@ -15,6 +15,7 @@ from storage.layout import RunPaths
 from storage.shards import write_shard
 from tasks.models import DEFAULT_HUB_ID, base_model_label, load_model
 from tasks.train import train_lora
+from tests.conftest import write_tiny_run
 
 # fp32 merging computes x (W + s B A)^T where the adapter computes x W^T + s (x A^T) B^T: the same sums in another
 # order. Measured: max |difference| 1.2e-7 on logits of size ~0.35 (a few float32 ulps); the adapter moves them
@@ -89,3 +90,27 @@ def test_merge_refuses_a_non_empty_directory_and_an_unknown_iteration(tiny_model
     assert "no complete adapter for run 'm1' iteration 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --out is required
         main(["merge", "m1"])
+
+
+@pytest.mark.slow
+def test_a_run_with_a_chat_template_merges_into_a_model_with_that_template(prefect_harness, tiny_model_dir, tmp_path,
+                                                                           capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flows.curate import curate
+    from tests.test_chat_template import ENDOFTEXT_TEMPLATE
+
+    (tmp_path / "turns.jinja").write_text(ENDOFTEXT_TEMPLATE)
+    config = write_tiny_run(tmp_path, tiny_model_dir, run_id="tpl", iterations=1,
+                            model={"chat_template": "turns.jinja"})
+    curate(config_path=str(config))
+    root = tmp_path / "root"
+    adapter = RunPaths(root, "tpl").adapter(1)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    out = tmp_path / "merged"
+    assert main(["merge", "tpl", "--out", str(out), "--root", str(root)]) == 0
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == ENDOFTEXT_TEMPLATE
+    tuned, ours = load_model(str(RunPaths(root, "tpl").model_dir), adapter=str(adapter))
+    assert torch.allclose(logits(AutoModelForCausalLM.from_pretrained(out), tokenizer), logits(tuned, ours),
+                          atol=LOGITS_ATOL, rtol=0)
