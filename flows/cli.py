@@ -5,6 +5,7 @@
     curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS] [--set KEY=VALUE ...]   # one run per root
     curate config show|validate CONFIG [--set KEY=VALUE ...]   # the effective config, or "ok" / its error
     curate export RUN_ID --format messages --out DIR   # the curated set as Parquet + a dataset card
+    curate merge RUN_ID --out DIR           # base + the run's LoRA adapter as one model (AutoModelForCausalLM)
     curate runs                             # runs in the catalog
     curate sql "select * from runs"         # read-only SQL on the catalog
     curate report RUN_ID [--open]           # plots + HTML page of a run
@@ -147,6 +148,13 @@ def export(run_id: str, iteration: int | None, fmt: str, out: str, root: str) ->
     print(f"exported {stats['rows']} rows of run {run_id} iteration {iteration} ({fmt}) to {out}: {sources}")
 
 
+def merge(run_id: str, iteration: int | None, out: str, root: str) -> None:
+    from tasks.merge import merge_run
+
+    merged = merge_run(run_id, iteration, Path(out), root)
+    print(f"merged run {run_id} iteration {merged['iteration']} (base {merged['base_model']}) into {out}")
+
+
 def report(run_id: str, root: str, open_browser: bool) -> None:
     from flows.report import write_report
 
@@ -197,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the columns: TRL's messages or prompt/completion, or Alpaca's instruction/input/output")
     p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
     p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
+    p = sub.add_parser("merge", help="write the base model with a run's LoRA adapter merged in, plus the tokenizer")
+    p.add_argument("run_id", help="the run whose adapter to merge")
+    p.add_argument("--iteration", type=int, default=None, help="whose adapter (default: the last completed)")
+    p.add_argument("--out", required=True, help="output directory (must not exist, or be empty)")
+    p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p = sub.add_parser("runs", help="list the runs in the catalog")
     p.add_argument("--root", default=DEFAULT_ROOT, help="storage root holding catalog.duckdb")
     p = sub.add_parser("sql", help="run a read-only SQL query on the catalog")
@@ -235,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             run(str(DEMO_CONFIG), args.run_id, args.root, args.wait)
         elif args.command == "export":
             export(args.run_id, args.iteration, args.format, args.out, args.root)
+        elif args.command == "merge":
+            merge(args.run_id, args.iteration, args.out, args.root)
         elif args.command == "runs":
             sql("select run_id, status, created_at, updated_at, root from runs order by created_at", args.root, "table")
         elif args.command == "sql":

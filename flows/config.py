@@ -30,6 +30,9 @@ class ModelConfig:
     dtype: typing.Literal["fp32", "bf16"] = "fp32"  # weights/activations; losses are always fp32
     max_seq_len: int = 512  # prompt + response tokens; the response side is truncated
     trust_remote_code: bool = False  # only for local/hub models that need custom code
+    # a Jinja file (relative to the config) rendering every pair instead of the tokenizer's own template; the
+    # end-of-turn token is the one the template closes assistant turns with (docs/formats.md)
+    chat_template: str = ""
 
     def check(self, where: str) -> None:
         _require(self.max_seq_len >= 16, f"{where}.max_seq_len", "must be >= 16", self.max_seq_len)
@@ -215,6 +218,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # also train on the validation pairs (uniform weight 1), whatever the selector; `full` always does
     mix_validation: bool = False
+    # multi-turn rows: the loss on the last assistant turn, or on every assistant turn (scoring and selection
+    # use the last turn either way for now)
+    train_on: typing.Literal["last", "all"] = "last"
 
     def check(self, where: str) -> None:
         _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
@@ -389,6 +395,7 @@ def resolve_paths(config: CurateConfig, base: Path) -> CurateConfig:
         src.path = absolute(src.path)
         src.source = src.source or Path(src.path).name.split(".")[0]
     data.harmful_prompts = absolute(data.harmful_prompts)
+    config.model.chat_template = absolute(config.model.chat_template)
     return config
 
 

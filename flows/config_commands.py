@@ -42,7 +42,8 @@ def check_data_paths(config: str, cfg: CurateConfig) -> None:
     field, before Prefect starts, instead of in the middle of a run."""
     named = [(f"data.{split}[{i}].path", src.path) for split in ("pool", "validation", "test")
              for i, src in enumerate(getattr(cfg.data, split))]
-    for field_name, path in named + [("data.harmful_prompts", cfg.data.harmful_prompts)]:
+    named += [("data.harmful_prompts", cfg.data.harmful_prompts), ("model.chat_template", cfg.model.chat_template)]
+    for field_name, path in named:
         if path and not Path(path).exists():
             raise ConfigError(f"{config}: {field_name}: no such file or directory: {path}")
 

@@ -28,6 +28,7 @@ from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.runlock import run_lock
 from storage.shards import list_shards, read_manifest, read_shard, remove_shards_except
+from tasks.chat_template import model_with_template
 from tasks.coverage import coverage_rows, selection_summary
 from tasks.ingest import read_prompts
 from tasks.generate import SamplingParams, refined_question_ids
@@ -257,6 +258,10 @@ def curate(config_path: str, run_id: str = "", root: str = "", series: str = "",
 
 def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_url: str = "") -> dict:
     """Ingest, the base evaluation, the reference adapter and every iteration; the run's summary."""
+    if cfg.model.chat_template:  # every stage then loads the base through this template (the catalog keeps the
+        # configured name: `curate merge` and the adapters' configs name the base as the user did)
+        cfg.model.name = model_with_template(cfg.model.name, cfg.model.chat_template, paths.model_dir,
+                                             cfg.model.trust_remote_code)
     ingested = {}
     for split in SPLITS:
         sources = getattr(cfg.data, split)

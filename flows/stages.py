@@ -16,7 +16,7 @@ from prefect.runtime import task_run
 from flows.faults import task  # prefect's @task plus the CURATE_FAULTS hook (fault injection for tests)
 from storage.catalog import CatalogBusyError
 from tasks import bds, diversity, evaluate, generate, ingest, iterit, reweight, score, select, sppl, strategy, train
-from tasks.models import load_tokenizer, models_loaded
+from tasks.models import end_of_turn_text, load_tokenizer, models_loaded
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC}
 
@@ -74,7 +74,7 @@ def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, it
 
 @task(name="diversity", **RETRIES)
 def diversity_task(pool_shards, out_path, model_name, iteration, *, trust_remote_code: bool = False) -> dict:
-    end_of_turn = load_tokenizer(model_name, trust_remote_code).eos_token or ""
+    end_of_turn = end_of_turn_text(load_tokenizer(model_name, trust_remote_code))
     return report(diversity.diversity_scores(pool_shards, out_path, end_of_turn, iteration, producer()))
 
 
@@ -151,7 +151,8 @@ def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_le
                trust_remote_code: bool = False) -> dict:
     return report(train.train_lora(train_set, out_dir, model_name, previous_adapter, cfg.epochs, cfg.learning_rate,
         cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-        cfg.max_grad_norm, max_seq_len, seed, producer(), trust_remote_code=trust_remote_code))
+        cfg.max_grad_norm, max_seq_len, seed, producer(), trust_remote_code=trust_remote_code,
+        train_on=cfg.train_on))
 
 
 @task(name="evaluate", **RETRIES)
@@ -175,7 +176,7 @@ def bds_task(pool_shards, validation_shards, out_dir, weights_path, model_name, 
 @task(name="iterit", **RETRIES)
 def iterit_task(pool_shards, score_shards, out_dir, weights_path, model_name, dtype, previous_adapter, select_cfg,
                 train_cfg, max_seq_len, batch_tokens, seed, *, trust_remote_code: bool = False) -> dict:
-    end_of_turn = load_tokenizer(model_name, trust_remote_code).eos_token or ""
+    end_of_turn = end_of_turn_text(load_tokenizer(model_name, trust_remote_code))
     return report(iterit.select_iterit(pool_shards, score_shards, out_dir, weights_path, model_name, dtype,
                                        previous_adapter, select_cfg.iterit, train_cfg, select_cfg.budget, max_seq_len,
                                        batch_tokens, end_of_turn, seed, producer(),

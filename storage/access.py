@@ -16,7 +16,7 @@ import duckdb
 
 from storage.catalog import _connect, query_read_only
 from storage.layout import RunPaths, catalog_path
-from storage.shards import read_shard, shard_is_complete
+from storage.shards import directory_is_complete, read_shard, shard_is_complete
 from storage.views import create_parquet_views
 
 
@@ -45,18 +45,33 @@ def run_config(run_id: str, root: str | Path = ".curate") -> dict:
     return json.loads(rows[0][0])
 
 
-def train_set_path(run_id: str, iteration: int | None = None, root: str | Path = ".curate") -> tuple[int, Path]:
-    """(iteration, its train_set.parquet); `iteration` None: the run's last completed iteration."""
-    run_config(run_id, root)  # an unknown run fails here, naming the runs there are
+def completed_iteration(run_id: str, iteration: int | None = None, root: str | Path = ".curate") -> int:
+    """`iteration`, or with None the run's last completed iteration; an unknown run fails, naming the known."""
+    run_config(run_id, root)
     if iteration is None:
         _, rows = query_read_only(catalog_path(Path(root)), "SELECT max(iteration) FROM iterations "
                                   "WHERE run_id = ? AND status = 'completed'", [run_id])
         iteration = rows[0][0]
         if iteration is None:
             raise RunNotFoundError(f"run {run_id!r} has no completed iteration yet; name one with --iteration")
+    return iteration
+
+
+def train_set_path(run_id: str, iteration: int | None = None, root: str | Path = ".curate") -> tuple[int, Path]:
+    """(iteration, its train_set.parquet); `iteration` None: the run's last completed iteration."""
+    iteration = completed_iteration(run_id, iteration, root)
     path = RunPaths(Path(root), run_id).train_set(iteration)
     if not shard_is_complete(path):  # absent, or not (yet) verified against its manifest
         raise FileNotFoundError(f"{path}: no complete training set for run {run_id!r} iteration {iteration}")
+    return iteration, path
+
+
+def adapter_path(run_id: str, iteration: int | None = None, root: str | Path = ".curate") -> tuple[int, Path]:
+    """(iteration, its LoRA adapter directory); `iteration` None: the run's last completed iteration."""
+    iteration = completed_iteration(run_id, iteration, root)
+    path = RunPaths(Path(root), run_id).adapter(iteration)
+    if not directory_is_complete(path):
+        raise FileNotFoundError(f"{path}: no complete adapter for run {run_id!r} iteration {iteration}")
     return iteration, path
 
 

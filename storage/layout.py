@@ -30,6 +30,10 @@ class RunPaths:
         return self.root / "cache" / "scores"
 
     @property
+    def model_dir(self) -> Path:  # the base model with the run's model.chat_template (tasks/chat_template.py)
+        return self.run_dir / "model"
+
+    @property
     def reference_adapter(self) -> Path:  # the DavIR reference: base + LoRA tuned on the validation set
         return self.run_dir / "reference" / "adapter"
 

@@ -189,7 +189,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
                          checkpoint_inputs)
     if bds.value_function:
         model.delete_adapter(U)  # bds/adapter holds theta (pi_V) alone
-    save_adapter(model, adapter_dir, producer, inputs=inputs)
+    save_adapter(model, adapter_dir, model_name, producer, inputs=inputs)
     write_shard(read_shard(epochs[-1]), weights_path, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {**read_manifest(weights_path), "skipped": False, **_selected_counts(weights_path),

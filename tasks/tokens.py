@@ -6,9 +6,10 @@ The same construction is used for scoring, generation log-probs and training.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from tasks.models import end_of_turn_id, render_prompt
+from tasks.conversation import assistant_spans, context_messages
+from tasks.models import end_of_turn_ids, render_prompt
 
 
 @dataclass
@@ -16,6 +17,8 @@ class Encoded:
     prompt_ids: list[int]
     response_ids: list[int]  # empty when the response did not fit: its loss is NaN, never dropped
     truncated: bool
+    # (start, end) positions in prompt_ids of earlier assistant turns that the loss covers too (train_on: all)
+    context_spans: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def length(self) -> int:
@@ -23,9 +26,9 @@ class Encoded:
 
 
 def tokenize_responses(tokenizer, responses: list[str]) -> list[list[int]]:
-    """Each response's ids plus the end-of-turn token; computed once per sample for every metric."""
-    eot = end_of_turn_id(tokenizer)
-    return [ids + [eot] for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
+    """Each response's ids plus the template's end-of-turn token(s); computed once per sample for every metric."""
+    eot = end_of_turn_ids(tokenizer)
+    return [ids + eot for ids in tokenizer(list(responses), add_special_tokens=False)["input_ids"]]
 
 
 def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -43,10 +46,18 @@ def pair(context_ids: list[list[int]], response_ids: list[list[int]], room_lengt
     return encoded
 
 
-def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_len: int) -> list[Encoded]:
-    """Tokenize each pair once; over-long pairs lose the end of the response and are flagged `truncated`."""
-    prompts = tokenize_texts(tokenizer, [render_prompt(tokenizer, q) for q in questions])
-    return pair(prompts, tokenize_responses(tokenizer, responses), [len(p) for p in prompts], max_seq_len)
+def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_len: int,
+                 contexts: list[str] | None = None, train_on: str = "last") -> list[Encoded]:
+    """Tokenize each pair once; over-long pairs lose the end of the response and are flagged `truncated`.
+    `contexts`: each pair's earlier messages as JSON ("" for none), rendered before the question;
+    `train_on` "all": the loss also covers the assistant turns among them."""
+    messages = [context_messages(c) for c in contexts] if contexts else [[] for _ in questions]
+    prompts = tokenize_texts(tokenizer, [render_prompt(tokenizer, q, m) for q, m in zip(questions, messages)])
+    encoded = pair(prompts, tokenize_responses(tokenizer, responses), [len(p) for p in prompts], max_seq_len)
+    if train_on == "all":
+        for e, context in zip(encoded, messages):
+            e.context_spans = assistant_spans(tokenizer, context)
+    return encoded
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
@@ -65,7 +76,8 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 
 def collate(encoded: list[Encoded], pad_id: int):
-    """Right-padded input_ids, attention_mask and a loss mask that is 1 on response tokens only."""
+    """Right-padded input_ids, attention_mask and a loss mask that is 1 on response tokens only (and on the
+    earlier assistant turns of `context_spans`)."""
     import torch
 
     width = max(e.length for e in encoded)
@@ -77,4 +89,6 @@ def collate(encoded: list[Encoded], pad_id: int):
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention[row, : len(ids)] = 1
         loss_mask[row, len(e.prompt_ids): len(ids)] = True
+        for start, end in e.context_spans:
+            loss_mask[row, start:end] = True
     return input_ids, attention, loss_mask

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_manifest, read_shard, write_directory_manifest, write_shard
-from tasks.models import load_model, model_fingerprint
+from tasks.conversation import context_of
+from tasks.models import base_model_label, load_model, model_fingerprint
 from tasks.nll import batch_nll
 from tasks.tokens import collate, encode_pairs
 
@@ -25,6 +26,7 @@ TRAINING_STATS = "training.json"  # steps, examples, epoch losses; kept in the a
 TRAIN_SET_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("question_id", pa.string()), ("source", pa.string()), ("prompt", pa.string()),
     ("response", pa.string()), ("weight", pa.float64()), ("origin", pa.string()),
+    ("context", pa.string()),  # the conversation before the prompt, JSON ("" for none): tasks/conversation.py
 ])
 
 
@@ -37,7 +39,7 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     columns = ["sample_id", "question_id", "source", "prompt", "response"]
-    pool = pa.concat_tables([read_shard(p, columns=columns) for p in pool_shards])
+    pool = _with_context(pa.concat_tables([read_shard(p, columns=columns + ["meta"]) for p in pool_shards]))
     weights = read_shard(weights_path, columns=["sample_id", "weight", "selected"])
     # BDS keeps its learned weight on dropped samples too (the weight history); membership is `selected`
     weight_of = {s: w if keep else 0.0 for s, w, keep in zip(weights["sample_id"].to_pylist(),
@@ -54,15 +56,22 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
         w = dict(zip(gw["response_id"].to_pylist(), gw["weight"].to_pylist()))
         gen = gen.append_column("weight", pa.array([w[r] for r in gen["response_id"].to_pylist()], pa.float64()))
         gen = gen.filter(pc.greater(gen["weight"], 0)).drop_columns(["response_id"])
+        gen = gen.append_column("context", pa.array([""] * gen.num_rows, pa.string()))  # generated single-turn
         parts.append(gen.append_column("origin", pa.array(["generated"] * gen.num_rows, pa.string())))
     for path in validation_shards:  # direct mixing trains on the validation pairs as well
-        val = read_shard(path, columns=columns)
+        val = _with_context(read_shard(path, columns=columns + ["meta"]))
         parts.append(val.append_column("weight", pa.array([1.0] * val.num_rows, pa.float64()))
                      .append_column("origin", pa.array(["validation"] * val.num_rows)))
     table = pa.concat_tables([p.select(TRAIN_SET_SCHEMA.names).cast(TRAIN_SET_SCHEMA) for p in parts])
     counts = pc.value_counts(table["origin"]).to_pylist()
     return {**write_shard(table, out_path, producer, inputs), "skipped": False,
             "by_origin": {c["values"]: c["counts"] for c in counts}}
+
+
+def _with_context(table: pa.Table) -> pa.Table:
+    """`meta` (ingest's JSON) -> `context`, the messages before the prompt."""
+    context = pa.array([context_of(m) for m in table["meta"].to_pylist()], pa.string())
+    return table.drop_columns(["meta"]).append_column("context", context)
 
 
 def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") -> dict:
@@ -78,14 +87,16 @@ def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") ->
 def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
                learning_rate: float, batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float,
                target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
-               producer: str = "", *, trust_remote_code: bool = False, response_tokens: int = 0) -> dict:
+               producer: str = "", *, trust_remote_code: bool = False, response_tokens: int = 0,
+               train_on: str = "last") -> dict:
     """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch.
-    `response_tokens` > 0 trains on the first that many tokens of each response only."""
+    `response_tokens` > 0 trains on the first that many tokens of each response only; `train_on` "all" also on
+    the earlier assistant turns of multi-turn rows."""
     inputs = describe_inputs([train_set], [model_fingerprint(model_name, previous_adapter)], epochs=epochs,
                              learning_rate=learning_rate, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, target_modules=list(target_modules),
                              max_grad_norm=max_grad_norm, max_seq_len=max_seq_len, seed=seed,
-                             response_tokens=response_tokens)
+                             response_tokens=response_tokens, **({"train_on": train_on} if train_on != "last" else {}))
     if is_current(out_dir, inputs):  # the finished run's own figures, so a resumed run records them too
         stats_file = out_dir / TRAINING_STATS  # absent in adapters written before it was kept
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
@@ -95,8 +106,10 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     torch.manual_seed(seed)
     model, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules,
                                       trust_remote_code=trust_remote_code)
-    table = read_shard(train_set, columns=["prompt", "response", "weight"])
-    encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
+    table = read_shard(train_set)
+    contexts = table["context"].to_pylist() if "context" in table.column_names else None  # sets written before
+    encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len,
+                           contexts, train_on)
     if response_tokens > 0:
         for e in encoded:
             e.response_ids = e.response_ids[:response_tokens]
@@ -128,7 +141,7 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
             steps += 1
         epoch_losses.append(total / max(seen, 1))
     stats = {"steps": steps, "examples": len(usable), "epoch_losses": epoch_losses}
-    save_adapter(model, out_dir, producer, {TRAINING_STATS: stats}, inputs)
+    save_adapter(model, out_dir, model_name, producer, {TRAINING_STATS: stats}, inputs)
     return {"skipped": False, "adapter": str(out_dir), **stats}
 
 
@@ -146,26 +159,29 @@ def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, l
     return model, tokenizer
 
 
-def save_adapter(model, out_dir: Path, producer: str = "", extra_json: dict | None = None,
+def save_adapter(model, out_dir: Path, model_name: str, producer: str = "", extra_json: dict | None = None,
                  inputs: dict | None = None) -> None:
-    """Write the adapter so that it appears only complete: staging dir, manifest, rename. `extra_json` maps
-    file names to objects stored beside the weights (and covered by the manifest); `inputs`: what it was
-    trained from (storage/inputs.py)."""
+    """Write the adapter so that it appears only complete: staging dir, manifest, rename. `model_name`: the
+    configured base model, named in adapter_config.json; `extra_json` maps file names to objects stored beside
+    the weights (and covered by the manifest); `inputs`: what it was trained from (storage/inputs.py)."""
     staging = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     model.save_pretrained(staging)
     for name, obj in (extra_json or {}).items():
         (staging / name).write_text(json.dumps(obj, sort_keys=True))
-    _sort_target_modules(staging / "adapter_config.json")
+    normalize_adapter_config(staging / "adapter_config.json", model_name)
     write_directory_manifest(staging, producer, inputs)
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
 
 
-def _sort_target_modules(config_path: Path) -> None:
+def normalize_adapter_config(config_path: Path, model_name: str) -> None:
     """PEFT writes target_modules from a set, in an order that changes with the process's hash seed; sorted,
-    the same adapter is the same bytes and gets the same fingerprint in every process."""
+    the same adapter is the same bytes and gets the same fingerprint in every process. PEFT also names the base
+    by the directory it was loaded from (the cache, for the default model); the config names it as the user
+    did, so the adapter still says what it belongs to on another machine."""
     config = json.loads(config_path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
+    config["base_model_name_or_path"] = base_model_label(model_name)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -78,10 +78,12 @@ class VllmClient:
         return name
 
     def complete(self, prompt_ids: list[int], model: str, temperature: float, top_p: float, max_tokens: int,
-                 seed: int | None) -> Completion:
+                 seed: int | None, stop_token_ids: list[int] = ()) -> Completion:
         body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": temperature,
                 "top_p": top_p if temperature > 0 else 1.0, "top_k": 0, "logprobs": 0,
                 "return_tokens_as_token_ids": True}
+        if stop_token_ids:  # the chat template's end of turn, where it is not the model's eos
+            body["stop_token_ids"] = list(stop_token_ids)
         if seed is not None and temperature > 0:
             body["seed"] = seed
         (choice,) = self._request("/v1/completions", body)["choices"]
@@ -103,13 +105,14 @@ class VllmClient:
 
 
 def complete_all(client: VllmClient, prompts: list[list[int]], adapter: str | None, num_responses: int,
-                 temperature: float, top_p: float, max_tokens: int, seed: int) -> list[list[Completion]]:
+                 temperature: float, top_p: float, max_tokens: int, seed: int,
+                 stop_token_ids: list[int] = ()) -> list[list[Completion]]:
     """`num_responses` completions per prompt; response k of prompt i draws with seed + i * num_responses + k,
     so a completion depends only on the seed and its position, not on what else is in flight."""
     model = client.model_name(adapter)
     jobs = [(i, k) for i in range(len(prompts)) for k in range(num_responses)]
     done = client.map(lambda job: client.complete(prompts[job[0]], model, temperature, top_p, max_tokens,
-                                                  seed + job[0] * num_responses + job[1]), jobs)
+                                                  seed + job[0] * num_responses + job[1], stop_token_ids), jobs)
     return [done[i * num_responses: (i + 1) * num_responses] for i in range(len(prompts))]
 
 

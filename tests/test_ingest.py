@@ -96,18 +96,21 @@ def test_json_object_holding_one_list_and_source_label(tmp_path):
     assert [(r["prompt"], r["source"]) for r in kept(stats)] == [("p", "mine")]
 
 
-def test_sharegpt_jsonl_takes_first_human_then_first_gpt_after_it(tmp_path):
+def test_sharegpt_jsonl_takes_the_last_exchange_and_keeps_the_turns_before_it(tmp_path):
     path = write_jsonl(tmp_path / "sg.jsonl", [{"id": "x1", "conversations": [
         {"from": "system", "value": "Be brief."},
-        {"from": "gpt", "value": "Hello there."},  # before any human turn: not the response
+        {"from": "gpt", "value": "Hello there."},  # before any human turn: history, never the response
         {"from": "human", "value": "Capital of France?"},
         {"from": "gpt", "value": "Paris."},
         {"from": "human", "value": "And Italy?"},
         {"from": "gpt", "value": "Rome."},
     ]}])
     (row,) = kept(ingest(tmp_path, path))
-    assert (row["prompt"], row["response"]) == ("Capital of France?", "Paris.")
-    assert row["meta"] == {"file": str(path), "row": 1, "id": "x1", "system": "Be brief.", "extra_turns": 3}
+    assert (row["prompt"], row["response"]) == ("And Italy?", "Rome.")
+    history = [{"role": "assistant", "content": "Hello there."}, {"role": "user", "content": "Capital of France?"},
+               {"role": "assistant", "content": "Paris."}]
+    assert row["meta"] == {"file": str(path), "row": 1, "id": "x1", "system": "Be brief.", "history": history,
+                           "extra_turns": 3}
 
 
 def test_chat_messages_in_parquet(tmp_path):

@@ -56,8 +56,10 @@ def test_scalebio_items_with_a_format_mapping(tmp_path):
     stats = ingest_with(tmp_path, source)
     rows = kept(stats)
     assert [(r["prompt"], r["response"], r["source"]) for r in rows] == [
-        ("Name a fruit.", "Apple.", "scalebio"), ("Sky colour?", "Blue.", "scalebio")]
+        ("Name a fruit.", "Apple.", "scalebio"), ("And at night?", "Black.", "scalebio")]  # the last exchange
     assert rows[1]["meta"]["system"] == "Be brief." and rows[1]["meta"]["extra_turns"] == 2
+    assert rows[1]["meta"]["history"] == [{"role": "user", "content": "Sky colour?"},
+                                          {"role": "assistant", "content": "Blue."}]
     q = quarantined(stats)
     assert {row: (r["reason"], r["field"]) for row, r in q.items()} == {
         3: ("missing_field", "items.assistant"), 4: ("wrong_type", "items[1].value"), 5: ("missing_field", "items")}
@@ -88,8 +90,9 @@ def test_trl_prompt_completion_strings_and_turn_lists_are_detected(tmp_path):
     ])
     stats = ingest_with(tmp_path, {"path": str(path)})
     rows = kept(stats)
-    assert [(r["prompt"], r["response"]) for r in rows] == [("2+2?", "4"), ("3+3?", "6"), ("Hi", "Hey")]
+    assert [(r["prompt"], r["response"]) for r in rows] == [("2+2?", "4"), ("3+3?", "6"), ("Bye", "Ciao")]
     assert rows[1]["meta"]["system"] == "Terse." and rows[2]["meta"]["extra_turns"] == 2
+    assert rows[2]["meta"]["history"] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"}]
     q = quarantined(stats)
     assert {row: (r["reason"], r["field"]) for row, r in q.items()} == {
         4: ("wrong_type", "prompt"), 5: ("missing_field", "completion.assistant"), 6: ("wrong_type", "completion")}
