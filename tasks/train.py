@@ -39,7 +39,7 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     columns = ["sample_id", "question_id", "source", "prompt", "response"]
-    pool = _with_context(pa.concat_tables([read_shard(p, columns=columns + ["meta"]) for p in pool_shards]))
+    pool = pa.concat_tables([_with_context(read_shard(p)) for p in pool_shards]).select(columns + ["context"])
     weights = read_shard(weights_path, columns=["sample_id", "weight", "selected"])
     # BDS keeps its learned weight on dropped samples too (the weight history); membership is `selected`
     weight_of = {s: w if keep else 0.0 for s, w, keep in zip(weights["sample_id"].to_pylist(),
@@ -59,7 +59,7 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
         gen = gen.append_column("context", pa.array([""] * gen.num_rows, pa.string()))  # generated single-turn
         parts.append(gen.append_column("origin", pa.array(["generated"] * gen.num_rows, pa.string())))
     for path in validation_shards:  # direct mixing trains on the validation pairs as well
-        val = _with_context(read_shard(path, columns=columns + ["meta"]))
+        val = _with_context(read_shard(path)).select(columns + ["context"])
         parts.append(val.append_column("weight", pa.array([1.0] * val.num_rows, pa.float64()))
                      .append_column("origin", pa.array(["validation"] * val.num_rows)))
     table = pa.concat_tables([p.select(TRAIN_SET_SCHEMA.names).cast(TRAIN_SET_SCHEMA) for p in parts])
@@ -69,9 +69,11 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
 
 
 def _with_context(table: pa.Table) -> pa.Table:
-    """`meta` (ingest's JSON) -> `context`, the messages before the prompt."""
-    context = pa.array([context_of(m) for m in table["meta"].to_pylist()], pa.string())
-    return table.drop_columns(["meta"]).append_column("context", context)
+    """`meta` (ingest's JSON) -> `context`, the messages before the prompt; a shard without `meta` (made by
+    hand, not by ingest) has no context."""
+    metas = table["meta"].to_pylist() if "meta" in table.column_names else [None] * table.num_rows
+    context = pa.array([context_of(m) if m else "" for m in metas], pa.string())
+    return table.append_column("context", context)
 
 
 def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") -> dict:

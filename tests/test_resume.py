@@ -30,7 +30,7 @@ def finish(config: Path, home: Path) -> None:
     assert proc.wait(timeout=600) == 0, sorted(home.parent.glob("run-*.log"))[-1].read_text()[-3000:]
 
 
-def kill_when(proc: subprocess.Popen, marker: Path, timeout: float = 300) -> None:
+def kill_when(proc: subprocess.Popen, marker: Path, timeout: float = 900) -> None:
     deadline = time.time() + timeout
     while not marker.exists():
         assert proc.poll() is None, "the run ended before reaching the kill point"
