@@ -90,7 +90,7 @@ class ScoreConfig:
 
 @dataclass
 class BDSConfig:
-    epochs: int = 2  # value function: an epoch is ~2.5 SFT epochs of passes; with warm-up and bf16 all cost 3.1x (benchmarks)
+    epochs: int = 2  # value function: ~2.5 SFT epochs of passes each; with warm-up and bf16 all cost 3.1x
     lambda0: float = 0.5  # weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))
     lambda_decay: float = 0.1  # lambda falls by this much each epoch: the penalty on the pool loss grows
     weighting: typing.Literal["softmax", "sigmoid"] = "softmax"  # N softmax(z) or 2 sigmoid(z)
