@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
 from tasks.models import model_fingerprint
-from tasks.bds_update import bds_step, sample_weights, value_function_step
+from tasks.bds_update import bds_step, model_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
 from tasks.score import metric_values
 from tasks.select import WEIGHTS_SCHEMA, rank_and_select
@@ -198,8 +198,6 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
 
 def _warm_up(model, val_encoded, tokenizer, optimizer, theta_params, bds, seed: int) -> None:
     """theta alone learns the validation pairs for `bds.warmup_epochs` passes; a kill repeats the warm-up."""
-    import torch
-
     rng = random.Random(seed * 1_000_003 - 1)
     size = bds.validation_batch_size or bds.batch_size
     for _ in tqdm(range(bds.warmup_epochs), desc="bds warm-up on the validation pairs", leave=False):
@@ -207,10 +205,7 @@ def _warm_up(model, val_encoded, tokenizer, optimizer, theta_params, bds, seed: 
         for i in range(0, len(order), size):
             with _precision(bds.autocast):
                 loss = _losses(model, [val_encoded[j] for j in order[i: i + size]], tokenizer).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(theta_params, bds.max_grad_norm)
-            optimizer.step()
+            model_step(loss, optimizer, theta_params, bds.max_grad_norm)
 
 
 def _losses(model, encoded, tokenizer):

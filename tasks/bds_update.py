@@ -31,7 +31,7 @@ def sample_weights(logits, weighting: str, active=None):
     return weights if active is None else weights * active
 
 
-def _model_step(loss, optimizer, params, max_grad_norm: float) -> None:
+def model_step(loss, optimizer, params, max_grad_norm: float) -> None:
     import torch
 
     optimizer.zero_grad()
@@ -54,7 +54,7 @@ def bds_step(val_loss, train_losses, index, logits, lam: float, weighting: str, 
     `val_loss` the mean validation loss of the mini-batch; both still carry the model's graph."""
     w_batch = sample_weights(logits, weighting, active)[index].detach()
     model_loss = lam * val_loss + (1 - lam) * (w_batch * train_losses).mean()
-    _model_step(model_loss, model_optimizer, model_params, max_grad_norm)
+    model_step(model_loss, model_optimizer, model_params, max_grad_norm)
     return model_loss.item(), _logit_step(logits, index, train_losses.detach(), weighting, logit_optimizer, active)
 
 
@@ -65,9 +65,9 @@ def value_function_step(val_loss, theta_losses, u_losses_fn, index, logits, lam:
     theta step, which does not change u); the signal l_b(theta) - l_b(u) uses both pre-update forwards."""
     w_batch = sample_weights(logits, weighting, active)[index].detach()
     theta_loss = lam * val_loss + (1 - lam) * (w_batch * theta_losses).mean()
-    _model_step(theta_loss, theta_optimizer, theta_params, max_grad_norm)
+    model_step(theta_loss, theta_optimizer, theta_params, max_grad_norm)
     u_losses = u_losses_fn()
     u_loss = (w_batch * u_losses).mean()
-    _model_step(u_loss, u_optimizer, u_params, max_grad_norm)
+    model_step(u_loss, u_optimizer, u_params, max_grad_norm)
     signal = theta_losses.detach() - u_losses.detach()
     return theta_loss.item(), u_loss.item(), _logit_step(logits, index, signal, weighting, logit_optimizer, active)

@@ -107,7 +107,7 @@ def stop_server(process: subprocess.Popen, grace_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-    except ProcessLookupError:
+    except ProcessLookupError:  # it exited between the poll and the signal: nothing left to stop
         pass
 
 

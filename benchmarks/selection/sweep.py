@@ -15,9 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
-from run import REPO, build_data, ingest_splits, log  # noqa: E402
+from run import REPO, autocast_agreement, build_data, ingest_splits, log  # noqa: E402
 
 from flows.config import BDSConfig, TrainConfig  # noqa: E402
 from storage.shards import read_shard  # noqa: E402
@@ -29,19 +28,6 @@ SETTINGS = [dict(learning_rate=2e-4, warmup_epochs=0), dict(learning_rate=1e-3, 
 
 def run_dir(work: Path, config: BDSConfig) -> Path:
     return work / (f"lr{config.learning_rate:g}_warmup{config.warmup_epochs}" + ("" if config.autocast else "_fp32"))
-
-
-def autocast_agreement(bf16: Path, fp32: Path) -> dict:
-    """The same setting with and without bf16 autocast: the weights' ranking, the losses and the kept set."""
-    a, b = read_shard(fp32), read_shard(bf16)
-    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
-    kept_a, kept_b = np.array(a["selected"].to_pylist()), np.array(b["selected"].to_pylist())
-    loss_diff = np.abs(a["epoch_loss"].to_numpy() - b["epoch_loss"].to_numpy())
-    return {"weight_spearman": round(float(np.corrcoef(rank(a["weight"].to_numpy()),
-                                                        rank(b["weight"].to_numpy()))[0, 1]), 4),
-            "epoch_loss_max_abs_diff": round(float(np.nanmax(loss_diff)), 4),
-            "epoch_loss_mean_abs_diff": round(float(np.nanmean(loss_diff)), 4),
-            "kept_agreement": round(float((kept_a == kept_b).mean()), 4)}
 
 
 def epoch_aurocs(out: Path, epochs: int, labels: dict[str, str]) -> dict:
@@ -85,11 +71,9 @@ def main() -> None:
             timing.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
         runs.append({**setting, **json.loads(timing.read_text()), **epoch_aurocs(out / "bds", config.epochs, labels)})
         log(json.dumps(runs[-1]))
-    default = BDSConfig(learning_rate=1e-3, warmup_epochs=2)
-    agreement = autocast_agreement(run_dir(args.work, default) / "weights.parquet",
-                                   run_dir(args.work, BDSConfig(learning_rate=1e-3, warmup_epochs=2, autocast=False))
-                                   / "weights.parquet")
-    args.out.write_text(json.dumps({"rows": args.rows, "autocast_agreement": agreement, "data_seed": args.data_seed, "bds": vars(BDSConfig()),
+    bf16, fp32 = (run_dir(args.work, BDSConfig(**setting)) / "weights.parquet" for setting in SETTINGS[-2:])
+    args.out.write_text(json.dumps({"rows": args.rows, "autocast_agreement": autocast_agreement(fp32, bf16),
+                                    "data_seed": args.data_seed, "bds": vars(BDSConfig()),
                                     "label_counts": {k: list(labels.values()).count(k) for k in set(labels.values())},
                                     "runs": runs}, indent=1) + "\n")
 
