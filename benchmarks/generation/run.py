@@ -55,7 +55,7 @@ def run_hf(args, questions, responses) -> dict:
     from tasks.tokens import encode_pairs
 
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_model("default", args.dtype)
+    model, tokenizer = load_model("default", args.dtype, args.adapter)
     generation, scoring = {}, {}
     for batch in args.hf_batch:
         params = SamplingParams(args.responses, 0.8, args.top_p, args.new_tokens, batch)
@@ -95,11 +95,11 @@ def run_vllm(args, questions, responses) -> dict:
             client = vllm_client.VllmClient(url, max_concurrency=concurrency)
             client.model_name()  # the base model's id, asked once before timing
             start = time.perf_counter()
-            generated, _ = sample_responses_vllm(client, tokenizer, questions, params, 0)
+            generated, _ = sample_responses_vllm(client, tokenizer, questions, params, 0, adapter=args.adapter)
             generation[concurrency] = {"seconds": time.perf_counter() - start,
                                        "tokens": training_tokens(tokenizer, generated)}
             start = time.perf_counter()
-            vllm_client.response_nll(client, encoded, None)
+            vllm_client.response_nll(client, encoded, args.adapter)
             scoring[concurrency] = {"seconds": time.perf_counter() - start,
                                     "tokens": sum(e.length for e in encoded)}
     return {"server_start_s": start_s, "generation": generation, "scoring": scoring}
@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, nargs="+", default=[8, 16, 32, 64])
     parser.add_argument("--batch-tokens", type=int, nargs="+", default=[2048, 4096, 8192])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter of ours (e.g. a demo iteration's): both "
+                        "sides generate and score through it, as iteration 2 of a run does")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "generation" / "results.json"))
     args = parser.parse_args()
     questions, responses = questions_and_responses(args.prompts)
