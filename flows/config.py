@@ -218,8 +218,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # also train on the validation pairs (uniform weight 1), whatever the selector; `full` always does
     mix_validation: bool = False
-    # multi-turn rows: the loss on the last assistant turn, or on every assistant turn (scoring and selection
-    # use the last turn either way for now)
+    # multi-turn rows: the loss on the last assistant turn, or on every assistant turn; one setting for every
+    # loss of the run: scoring, selection (BDS, IterIT), training, the DavIR reference and evaluation
     train_on: typing.Literal["last", "all"] = "last"
 
     def check(self, where: str) -> None:

@@ -87,7 +87,8 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     # all shards at once: the task runner spreads them over its workers (threads: one after another)
     futures = [score_task.with_options(task_run_name=f"score-{run_id}-it{iteration}-{shard.stem}").submit(
         shard, out, m.name, m.dtype, previous, m.max_seq_len, iteration, cfg.score, reference_adapter,
-        exemplars, paths.score_cache, trust_remote_code=m.trust_remote_code, vllm_url=vllm_url)
+        exemplars, paths.score_cache, trust_remote_code=m.trust_remote_code, vllm_url=vllm_url,
+        train_on=cfg.train.train_on)
         for shard, out in submitted]
     for (shard, out), future in zip(submitted, futures):
         done = future.result()
@@ -203,7 +204,7 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
     metrics = evaluate_task.with_options(task_run_name=f"evaluate-{run_id}-it{iteration}")(
         paths.evaluation(iteration), validation, test, m.name, m.dtype, str(adapter), m.max_seq_len,
         cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate, trust_remote_code=m.trust_remote_code,
-        vllm_url=vllm_url)
+        vllm_url=vllm_url, train_on=cfg.train.train_on)
     catalog.record_metrics(run_id, iteration, "evaluate", metrics)
     catalog.record_metrics(run_id, iteration, "select", {"selected": selection["selected"], "pool": selection["pool"]})
     generated = sum(read_manifest(p)["rows"] for p in generations)
@@ -281,7 +282,7 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_
     before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
         paths.evaluation(0), list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test")),
         m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens, _harmful_prompts(cfg), cfg.evaluate,
-        trust_remote_code=m.trust_remote_code, vllm_url=vllm_url)
+        trust_remote_code=m.trust_remote_code, vllm_url=vllm_url, train_on=cfg.train.train_on)
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
     reference = None

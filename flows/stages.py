@@ -64,12 +64,13 @@ def ingest_task(sources, out_dir, split, max_chars, shard_rows) -> dict:
 
 @task(name="score", **RETRIES)
 def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, iteration, cfg, reference_adapter,
-               exemplars_path, cache_dir, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
+               exemplars_path, cache_dir, *, trust_remote_code: bool = False, vllm_url: str = "",
+               train_on: str = "last") -> dict:
     metrics = [m for m in cfg.metrics if m != "diversity"]  # diversity is pool-level: diversity_task
     return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, cfg.batch_tokens,
                                     iteration, metrics, reference_adapter, exemplars_path, cfg.sppl_k,
                                     cache_dir if cfg.cache else None, producer(),
-                                    trust_remote_code=trust_remote_code, vllm_url=vllm_url))
+                                    trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on))
 
 
 @task(name="diversity", **RETRIES)
@@ -94,7 +95,7 @@ def reference_task(source_shards, train_set, out_dir, model_name, cfg, epochs, m
     return report(train.train_lora(train_set, out_dir, model_name, None, epochs, cfg.learning_rate, cfg.batch_size,
                                    cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
                                    cfg.max_grad_norm, max_seq_len, seed, producer(),
-                                   trust_remote_code=trust_remote_code))
+                                   trust_remote_code=trust_remote_code, train_on=cfg.train_on))
 
 
 @task(name="select", **RETRIES)
@@ -157,10 +158,10 @@ def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_le
 
 @task(name="evaluate", **RETRIES)
 def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens, harmful_prompts,
-                  cfg, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
+                  cfg, *, trust_remote_code: bool = False, vllm_url: str = "", train_on: str = "last") -> dict:
     return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
                                      batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer(),
-                                     trust_remote_code=trust_remote_code, vllm_url=vllm_url)
+                                     trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on)
 
 
 @task(name="bds", **RETRIES)
@@ -169,7 +170,8 @@ def bds_task(pool_shards, validation_shards, out_dir, weights_path, model_name, 
     """Bilevel data selection: learned per-sample weights, per-epoch history, the validation-aligned adapter."""
     result = bds.run_bds(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter,
                          select_cfg.bds, train_cfg, max_seq_len, select_cfg.budget, seed, producer(),
-                         trust_remote_code=trust_remote_code, score_shards=score_shards)
+                         trust_remote_code=trust_remote_code, score_shards=score_shards,
+                         train_on=train_cfg.train_on)
     return report(result)
 
 
@@ -180,4 +182,4 @@ def iterit_task(pool_shards, score_shards, out_dir, weights_path, model_name, dt
     return report(iterit.select_iterit(pool_shards, score_shards, out_dir, weights_path, model_name, dtype,
                                        previous_adapter, select_cfg.iterit, train_cfg, select_cfg.budget, max_seq_len,
                                        batch_tokens, end_of_turn, seed, producer(),
-                                       trust_remote_code=trust_remote_code))
+                                       trust_remote_code=trust_remote_code, train_on=train_cfg.train_on))

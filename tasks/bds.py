@@ -11,7 +11,9 @@ lambda starts at lambda0 and falls by lambda_decay each epoch (the penalty grows
 
 Before weighting, `drop_unhelpful` gates out samples whose IFD >= 1 (the response does not depend on its
 question, e.g. swapped answers): validation-NLL objectives cannot see them. `validation_tokens` restricts the
-validation objective to the first K response tokens, where refusing or complying is decided.
+validation objective to the first K response tokens, where refusing or complying is decided. Multi-turn rows
+(pool and validation) are encoded as training encodes them: earlier messages before the question, and with
+`train_on: all` the earlier assistant turns in the loss.
 
 The pool is streamed shard by shard: only the model, the validation pairs and the N logits stay in memory.
 After every epoch theta, u, the logits and all optimizers are checkpointed and that epoch's weights written,
@@ -32,6 +34,7 @@ from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
+from tasks.conversation import contexts_of
 from tasks.models import model_fingerprint
 from tasks.bds_update import bds_step, model_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
@@ -79,8 +82,9 @@ def unhelpful_gate(pool_shards: list[Path], score_shards: list[Path]) -> tuple[n
 def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Path, weights_path: Path,
             model_name: str, previous_adapter: str | None, bds, lora, max_seq_len: int, budget: float,
             seed: int, producer: str = "", *, trust_remote_code: bool = False,
-            score_shards: list[Path] = ()) -> dict:
-    """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file."""
+            score_shards: list[Path] = (), train_on: str = "last") -> dict:
+    """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file.
+    `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
     adapter_dir = out_dir / "adapter"
     epochs = [epoch_path(out_dir, e) for e in range(1, bds.epochs + 1)]
     # the checkpoint leaves the epoch count out: a run with more epochs continues from it
@@ -89,7 +93,8 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
                                         [model_fingerprint(model_name, previous_adapter)],
                                         bds={**plain_settings(bds), "epochs": None},
                                         lora=[lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules],
-                                        max_seq_len=max_seq_len, budget=budget, seed=seed)
+                                        max_seq_len=max_seq_len, budget=budget, seed=seed,
+                                        **({"train_on": train_on} if train_on != "last" else {}))
     inputs = {**checkpoint_inputs, "settings": {**checkpoint_inputs["settings"], "epochs": bds.epochs}}
     if is_current(weights_path, inputs) and is_current(adapter_dir, inputs) and all(map(shard_is_complete, epochs)):
         return {**read_manifest(weights_path), "skipped": True, **_selected_counts(weights_path)}
@@ -112,7 +117,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
                                       else torch.optim.Adam([logits], lr=bds.logit_lr, betas=(0.9, 0.95)))}
     if bds.value_function:
         optimizers["u_optimizer"] = torch.optim.AdamW(u_params, lr=bds.u_learning_rate or bds.learning_rate)
-    val_encoded = _validation_pairs(validation_shards, tokenizer, max_seq_len, bds.validation_tokens)
+    val_encoded = _validation_pairs(validation_shards, tokenizer, max_seq_len, bds.validation_tokens, train_on)
     checkpoint = out_dir / "checkpoint"
     resumable = is_current(checkpoint, checkpoint_inputs)  # a checkpoint of other inputs is not resumed
     start = _load_checkpoint(checkpoint, model, logits, optimizers) if resumable else 0
@@ -132,9 +137,9 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
         with tqdm(total=n, desc=f"bds epoch {epoch + 1}/{bds.epochs} (lambda {lam:.2f})", unit="sample",
                   leave=False) as bar:
             for s in shard_order:
-                table = read_shard(pool_shards[s], columns=["prompt", "response"])
+                table = read_shard(pool_shards[s])  # `meta` holds a conversation's earlier turns
                 encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(),
-                                       max_seq_len)
+                                       max_seq_len, contexts_of(table), train_on)
                 fitting = [i for i, e in enumerate(encoded) if e.response_ids]
                 fits[offsets[s] + np.array(fitting, dtype=int)] = True
                 usable = [i for i in fitting if not gated[offsets[s] + i]]
@@ -215,12 +220,14 @@ def _losses(model, encoded, tokenizer):
     return sums.float() / counts.clamp(min=1)
 
 
-def _validation_pairs(validation_shards, tokenizer, max_seq_len: int, first_tokens: int):
+def _validation_pairs(validation_shards, tokenizer, max_seq_len: int, first_tokens: int,
+                      train_on: str = "last"):
     """The validation pairs, each response cut to its first `first_tokens` tokens when that is > 0: a causal
     model's loss on the first K tokens does not depend on what follows them."""
-    validation = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in validation_shards])
+    validation = pa.concat_tables([read_shard(p) for p in validation_shards], promote_options="default")
     encoded = [e for e in encode_pairs(tokenizer, validation["prompt"].to_pylist(),
-                                       validation["response"].to_pylist(), max_seq_len) if e.response_ids]
+                                       validation["response"].to_pylist(), max_seq_len, contexts_of(validation),
+                                       train_on) if e.response_ids]
     if not encoded:
         raise ValueError("select.bds: the validation split has no response that fits model.max_seq_len")
     if first_tokens > 0:

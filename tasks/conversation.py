@@ -8,7 +8,8 @@ last assistant turn, and its `meta` JSON holds what came before (ingest, tasks/r
 
 `context_of` turns that into the chat messages rendered before the prompt; the training set keeps them as its
 `context` column (JSON, "" for none), so single-exchange rows render, score and train exactly as before.
-`train_on: all` also puts the loss on the assistant turns inside the context (tasks/tokens.encode_pairs).
+`train_on: all` also puts the loss on the assistant turns inside the context (tasks/tokens.encode_pairs), in
+every loss: scoring, BDS, IterIT, training and evaluation.
 """
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ def context_of(meta_json: str) -> str:
     messages = [{"role": "system", "content": meta["system"]}] if "system" in meta else []
     messages += meta.get("history", [])
     return json.dumps(messages, ensure_ascii=False) if messages else ""
+
+
+def contexts_of(table) -> list[str]:
+    """Each row's context, from a shard's `meta` column; a shard without one (made by hand, not by ingest) has
+    none."""
+    metas = table["meta"].to_pylist() if "meta" in table.column_names else [None] * table.num_rows
+    return [context_of(m) if m else "" for m in metas]
 
 
 def context_messages(context: str | None) -> list[dict]:

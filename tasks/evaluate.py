@@ -1,5 +1,7 @@
 """Evaluation: mean response loss on the validation and held-out test splits under a model (+ adapter), the
 refusal rate on held-out harmful prompts, and the AUROC used to score a selection against known labels.
+A multi-turn row's loss is the one training and scoring see: its earlier messages rendered before the question,
+and with `train_on: all` its earlier assistant turns counted too.
 
 Refusal: a greedy answer counts as a refusal when it contains one of REFUSAL_PHRASES (case-insensitive, curly
 apostrophes folded). The list follows the refusal prefixes of the AdvBench/GCG evaluation, without its loose
@@ -14,27 +16,29 @@ import pyarrow as pa
 
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_shard, write_shard
+from tasks.conversation import contexts_of
 from tasks.models import load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
 from tasks.tokens import encode_pairs
 
 
 def split_loss(shards: list[Path], model_name: str, dtype: str, adapter: str | None, max_seq_len: int,
-               batch_tokens: int, *, trust_remote_code: bool = False, vllm_url: str = "") -> float:
+               batch_tokens: int, *, trust_remote_code: bool = False, vllm_url: str = "",
+               train_on: str = "last") -> float:
     """Mean of per-sample response losses over a split (NaN rows, which did not fit, are left out)."""
     if not shards:
         return float("nan")
-    table = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in shards])
+    # `meta` holds a conversation's earlier turns; a shard made by hand may have none (null there)
+    table = pa.concat_tables([read_shard(p) for p in shards], promote_options="default")
+    pairs = (table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len, contexts_of(table), train_on)
     if vllm_url:
         from tasks import vllm_client
 
-        tokenizer = load_tokenizer(model_name, trust_remote_code)
-        encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
+        encoded = encode_pairs(load_tokenizer(model_name, trust_remote_code), *pairs)
         losses, _ = vllm_client.response_nll(vllm_client.VllmClient(vllm_url), encoded, adapter)
     else:
         model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
-        encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len)
-        losses, _ = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
+        losses, _ = response_nll(model, encode_pairs(tokenizer, *pairs), tokenizer.pad_token_id, batch_tokens)
     return float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan")
 
 
@@ -89,12 +93,12 @@ def auroc(scores, labels) -> float:
 
 def evaluate_model(validation: list[Path], test: list[Path], model_name: str, dtype: str, adapter: str | None,
                    max_seq_len: int, batch_tokens: int, *, trust_remote_code: bool = False,
-                   vllm_url: str = "") -> dict[str, float]:
+                   vllm_url: str = "", train_on: str = "last") -> dict[str, float]:
     return {
         "validation_loss": split_loss(validation, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                                      trust_remote_code=trust_remote_code, vllm_url=vllm_url),
+                                      trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on),
         "test_loss": split_loss(test, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                                trust_remote_code=trust_remote_code, vllm_url=vllm_url),
+                                trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on),
     }
 
 
@@ -110,21 +114,24 @@ def exact_match_rows(test: list[Path]) -> tuple[list[str], list[str]]:
 def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], model_name: str, dtype: str,
                      adapter: str | None, max_seq_len: int, batch_tokens: int, harmful_prompts: list[str] = (),
                      max_new_tokens: int = 48, batch_size: int = 16, producer: str = "", *,
-                     trust_remote_code: bool = False, vllm_url: str = "") -> dict[str, float]:
+                     trust_remote_code: bool = False, vllm_url: str = "",
+                     train_on: str = "last") -> dict[str, float]:
     """Losses, refusal rate on `harmful_prompts` and exact match on the test rows with a `#### n` answer,
     stored as a one-row-per-metric shard (a rerun reads it); the generated answers go beside it
-    (<name>-answers.parquet: task, prompt, answer, refused / correct)."""
+    (<name>-answers.parquet: task, prompt, answer, refused / correct). `train_on` "all": multi-turn rows'
+    losses also cover their earlier assistant turns."""
     inputs = describe_inputs([*validation, *test], [model_fingerprint(model_name, adapter)], dtype=dtype,
                              max_seq_len=max_seq_len, batch_tokens=batch_tokens,
                              harmful_prompts=texts_digest(harmful_prompts), max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, **({"backend": "vllm"} if vllm_url else {}))
+                             batch_size=batch_size, **({"backend": "vllm"} if vllm_url else {}),
+                             **({"train_on": train_on} if train_on != "last" else {}))  # last: records as before
     if is_current(out_path, inputs):
         table = read_shard(out_path)
         return dict(zip(table["metric"].to_pylist(), table["value"].to_pylist()))
     from tasks.sppl import is_correct
 
     metrics = evaluate_model(validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                             trust_remote_code=trust_remote_code, vllm_url=vllm_url)
+                             trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on)
     answers = {"task": [], "prompt": [], "answer": [], "ok": []}
     if harmful_prompts:
         replies = refusal_answers(list(harmful_prompts), model_name, dtype, adapter, max_new_tokens, batch_size,

@@ -8,7 +8,8 @@ round a live LoRA model trains one epoch on the current picks, re-scores the fir
 the ranking, and the greedy reselects inside that window (samples beyond it keep their place).
 
 The greedy is lazy (scores only fall, so a stale score is an upper bound) and equals the plain recompute-all
-greedy, ties going to the lower index.
+greedy, ties going to the lower index. Multi-turn rows are re-scored and the live model trained as the run's
+scoring and training treat them: earlier messages rendered before the question, `train_on` for the loss.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import pyarrow as pa
 
 from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import read_manifest, read_shard, write_shard
+from tasks.conversation import contexts_of
 from tasks.diversity import tfidf_rows
 from tasks.models import model_fingerprint
 from tasks.score import compute_scores, metric_values
@@ -75,20 +77,22 @@ def select_round(complexity: np.ndarray, order: list[int], window: int, response
 def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Path, weights_path: Path,
                   model_name: str, dtype: str, previous_adapter: str | None, iterit, train, budget: float,
                   max_seq_len: int, batch_tokens: int, end_of_turn: str, seed: int, producer: str = "", *,
-                  trust_remote_code: bool = False) -> dict:
-    """Rounds of IterIT; writes iterit/round-NNN.parquet per round (the weight history) and the final weights."""
+                  trust_remote_code: bool = False, train_on: str = "last") -> dict:
+    """Rounds of IterIT; writes iterit/round-NNN.parquet per round (the weight history) and the final weights.
+    `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
     # a round's file is reused (a resumed run) only if computed from these same inputs; the round count is left
     # out, since round r does not depend on how many rounds follow it
     round_inputs = describe_inputs([*pool_shards, *score_shards], [model_fingerprint(model_name, previous_adapter)],
                                    dtype=dtype, iterit={**plain_settings(iterit), "epochs": None}, train=train,
                                    budget=budget, max_seq_len=max_seq_len, batch_tokens=batch_tokens,
-                                   end_of_turn=end_of_turn, seed=seed)
+                                   end_of_turn=end_of_turn, seed=seed,
+                                   **({"train_on": train_on} if train_on != "last" else {}))
     inputs = {**round_inputs, "settings": {**round_inputs["settings"], "rounds": iterit.epochs}}
-    pool = pa.concat_tables([read_shard(p, columns=["sample_id", "question_id", "source", "prompt", "response"])
-                             for p in pool_shards])
+    # `meta` holds a conversation's earlier turns; a shard made by hand may have none (null there)
+    pool = pa.concat_tables([read_shard(p) for p in pool_shards], promote_options="default")
     n = pool.num_rows
     k = max(1, round(budget * n)) if n else 0
-    prompts, responses = pool["prompt"].to_pylist(), pool["response"].to_pylist()
+    prompts, responses, contexts = pool["prompt"].to_pylist(), pool["response"].to_pylist(), contexts_of(pool)
     offline = metric_values(score_shards, "iterit")
     complexity = np.array([offline.get(s, math.nan) for s in pool["sample_id"].to_pylist()], dtype=np.float64)
     order, live = list(range(n)), previous_adapter
@@ -99,11 +103,12 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
             train_set = out_dir / f"train-{round_ - 1:03d}.parquet"
             picks = [i for i in order[:k] if selected[i]]
             write_shard(pa.table({"prompt": [prompts[i] for i in picks], "response": [responses[i] for i in picks],
-                                  "weight": [1.0] * len(picks)}), train_set, producer)
+                                  "context": [contexts[i] for i in picks], "weight": [1.0] * len(picks)}),
+                        train_set, producer)
             train_lora(train_set, live_dir, model_name, live, 1, train.learning_rate, train.batch_size,
                        train.lora_r, train.lora_alpha, train.lora_dropout, train.target_modules,
                        train.max_grad_norm, max_seq_len, seed + round_, producer,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, train_on=train_on)
             live = str(live_dir)
         if is_current(path, round_inputs):  # resumed: this round's ranking and scores are on disk
             done = read_shard(path, columns=["rank", "complexity", "selected"])
@@ -116,7 +121,8 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
             rescore = order[:window]
             fresh = compute_scores(model_name, dtype, live, [prompts[i] for i in rescore],
                                    [responses[i] for i in rescore], ["iterit"], max_seq_len, batch_tokens,
-                                   trust_remote_code=trust_remote_code)["iterit"]
+                                   trust_remote_code=trust_remote_code, contexts=[contexts[i] for i in rescore],
+                                   train_on=train_on)["iterit"]
             complexity[rescore] = fresh
         picked, order, reasons = select_round(complexity, order, window, responses, k, iterit.decay, end_of_turn)
         selected = np.zeros(n, dtype=bool)

@@ -4,6 +4,8 @@ Metrics (DESIGN.md): `loss` (+ `ppl`), `ifd` = loss(r|q) / loss(r), `iterit` = p
 complexity; its diversity is pool-level, see tasks/diversity.py), `davir` = (loss - loss_ref) / loss with
 the validation-tuned reference adapter, `sppl` = perplexity given style exemplars (tasks/sppl.py).
 Each response is tokenized once and spliced into every context, so ratios compare identical tokens.
+A multi-turn row is scored as training sees it: its earlier messages (`meta`, tasks/conversation.py) rendered
+before the question, and with `train_on: all` its earlier assistant turns counted in every loss.
 
 Output columns: sample_id, metric, value (fp32), model_fingerprint, iteration, n_tokens, truncated, reason.
 A sample whose response did not fit the window gets NaN and a reason; it is never dropped here. Results are
@@ -24,12 +26,14 @@ from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
-from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt
+from tasks.conversation import contexts_of
+from tasks.models import load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
 from tasks.sppl import sppl_contexts
-from tasks.tokens import pair, tokenize_responses, tokenize_texts
+from tasks.tokens import (conversation_messages, pair, tokenize_prompts, tokenize_responses, tokenize_texts,
+                          trained_context_spans)
 
-SCORER_VERSION = "2"  # bump when a metric's definition changes: old cache entries stop matching
+SCORER_VERSION = "3"  # bump when a metric's definition changes: old cache entries stop matching
 METRICS = ("loss", "ifd", "iterit", "davir", "sppl")
 SCORE_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("metric", pa.string()), ("value", pa.float32()),
@@ -48,9 +52,12 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: list[str], responses: list[str],
                    metrics: list[str], max_seq_len: int, batch_tokens: int, reference_adapter: str | None = None,
                    exemplars: list[str] | None = None, sppl_k: int = 3, progress=None, *,
-                   trust_remote_code: bool = False, vllm_url: str = "") -> dict[str, np.ndarray]:
+                   trust_remote_code: bool = False, vllm_url: str = "", contexts: list[str] | None = None,
+                   train_on: str = "last") -> dict[str, np.ndarray]:
     """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics.
-    `vllm_url`: the log-probs come from that vLLM server (backend: vllm) instead of transformers."""
+    `vllm_url`: the log-probs come from that vLLM server (backend: vllm) instead of transformers.
+    `contexts`: each row's earlier messages as JSON ("" for none), rendered before the question in every
+    context; `train_on` "all": every loss also covers the assistant turns among them."""
     if vllm_url:
         from tasks import vllm_client
 
@@ -69,22 +76,28 @@ def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: 
             scorer = model if model_adapter == adapter else load_model(
                 model_name, dtype, model_adapter, trust_remote_code=trust_remote_code)[0]
             return response_nll(scorer, encoded, tokenizer.pad_token_id, batch_tokens, bar)
-    question_ids = tokenize_texts(tokenizer, [render_prompt(tokenizer, q) for q in questions])
+    messages = conversation_messages(contexts, len(questions))
+    spans = trained_context_spans(tokenizer, messages, train_on)  # the same earlier turns in every context
+    question_ids = tokenize_prompts(tokenizer, questions, messages)
     response_ids = tokenize_responses(tokenizer, responses)  # once: every context scores these same tokens
     room = [len(q) for q in question_ids]  # the question context decides how much of a response fits
-    encoded = pair(question_ids, response_ids, room, max_seq_len)
+    encoded = pair(question_ids, response_ids, room, max_seq_len, spans)
     loss, counts = nll(encoded, bar=progress)
     out = {"loss": loss, "ppl": np.exp(loss.astype(np.float64)).astype(np.float32), "n_tokens": counts,
            "truncated": np.array([e.truncated for e in encoded])}
     if "ifd" in metrics or "iterit" in metrics:
-        empty = tokenize_texts(tokenizer, [render_prompt(tokenizer, "")])[0]
-        alone, _ = nll(pair([empty] * len(questions), response_ids, room, max_seq_len))
+        # the unconditioned score drops the question only: a conversation's earlier turns stay, so the ratio
+        # asks how much the last user turn helps beyond the dialogue, not how much the whole dialogue does (its
+        # answer may follow from the earlier turns alone, which is no reason to call the question unhelpful).
+        # Earlier assistant turns (train_on: all) come before the question, so they score alike in both contexts.
+        empty = tokenize_prompts(tokenizer, [""] * len(questions), messages)
+        alone, _ = nll(pair(empty, response_ids, room, max_seq_len, spans))
         out["ifd"] = _ratio(loss, alone)
         out["iterit"] = np.exp(loss.astype(np.float64) - alone.astype(np.float64)).astype(np.float32)
     if "sppl" in metrics:
-        contexts, _ = sppl_contexts(tokenizer, questions, [len(e.response_ids) for e in encoded], exemplars or [],
-                                    sppl_k, max_seq_len)
-        primed, _ = nll(pair(tokenize_texts(tokenizer, contexts), response_ids, room, max_seq_len))
+        primed_contexts, _ = sppl_contexts(tokenizer, questions, [len(e.response_ids) for e in encoded],
+                                           exemplars or [], sppl_k, max_seq_len, messages)
+        primed, _ = nll(pair(tokenize_texts(tokenizer, primed_contexts), response_ids, room, max_seq_len, spans))
         out["sppl"] = np.exp(primed.astype(np.float64)).astype(np.float32)
     if "davir" in metrics:
         ref_loss, _ = nll(encoded, reference_adapter)
@@ -93,9 +106,10 @@ def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: 
 
 
 def cache_key(shard_sha256: str, fingerprints: list[str], metrics: list[str], max_seq_len: int, dtype: str,
-              sppl_k: int, exemplars_sha256: str) -> str:
+              sppl_k: int, exemplars_sha256: str, train_on: str = "last") -> str:
     config = {"shard": shard_sha256, "models": fingerprints, "metrics": sorted(metrics), "max_seq_len": max_seq_len,
-              "dtype": dtype, "sppl_k": sppl_k, "exemplars": exemplars_sha256, "version": SCORER_VERSION}
+              "dtype": dtype, "sppl_k": sppl_k, "exemplars": exemplars_sha256, "train_on": train_on,
+              "version": SCORER_VERSION}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -103,16 +117,18 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
                 max_seq_len: int, batch_tokens: int, iteration: int, metrics: list[str] = ("loss",),
                 reference_adapter: str | None = None, exemplars_path: Path | None = None, sppl_k: int = 3,
                 cache_dir: Path | None = None, producer: str = "", *, trust_remote_code: bool = False,
-                vllm_url: str = "") -> dict:
+                vllm_url: str = "", train_on: str = "last") -> dict:
     """Score one pool shard; returns its manifest (`skipped` when a verified output already existed,
-    `cached` when the values came from the score cache). `vllm_url`: log-probs from that vLLM server."""
+    `cached` when the values came from the score cache). `vllm_url`: log-probs from that vLLM server;
+    `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
     metrics = list(metrics)
     fingerprint = model_fingerprint(model_name, adapter)
     fingerprints = [fingerprint] + ([model_fingerprint(model_name, reference_adapter)] if "davir" in metrics else [])
     uses_exemplars = "sppl" in metrics and exemplars_path is not None
     inputs = describe_inputs([pool_shard] + ([exemplars_path] if uses_exemplars else []), fingerprints,
                              metrics=metrics, max_seq_len=max_seq_len, dtype=dtype, sppl_k=sppl_k,
-                             iteration=iteration, version=SCORER_VERSION,  # batch_tokens: speed, not values
+                             iteration=iteration, train_on=train_on,
+                             version=SCORER_VERSION,  # batch_tokens: speed, not values
                              **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
@@ -120,7 +136,7 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
     exemplars_sha = read_manifest(exemplars_path)["sha256"] if exemplars else ""
     # vLLM's values differ from transformers' in the last digits: neither backend reads the other's cache entries
     key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, max_seq_len,
-                    f"{dtype}+vllm" if vllm_url else dtype, sppl_k, exemplars_sha)
+                    f"{dtype}+vllm" if vllm_url else dtype, sppl_k, exemplars_sha, train_on)
     cached = Path(cache_dir) / f"{key}.parquet" if cache_dir else None
     if cached is not None and shard_is_complete(cached):
         table = read_shard(cached)
@@ -128,12 +144,13 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
                                  pa.array([iteration] * table.num_rows, pa.int32()))
         return {**write_shard(table, out_path, producer, inputs), "skipped": False, "cached": True}
 
-    table = read_shard(pool_shard, columns=["sample_id", "prompt", "response"])
+    table = read_shard(pool_shard)  # `meta` holds a conversation's earlier turns
     with tqdm(total=table.num_rows, desc=f"score {Path(pool_shard).stem}", unit="sample", leave=False) as bar:
         values = compute_scores(model_name, dtype, adapter, table["prompt"].to_pylist(),
                                 table["response"].to_pylist(), metrics, max_seq_len, batch_tokens,
                                 reference_adapter, exemplars, sppl_k, progress=bar,
-                                trust_remote_code=trust_remote_code, vllm_url=vllm_url)
+                                trust_remote_code=trust_remote_code, vllm_url=vllm_url,
+                                contexts=contexts_of(table), train_on=train_on)
     names = ["loss", "ppl"] + [m for m in METRICS[1:] if m in metrics]
     ids = table["sample_id"].to_pylist()
     parts = []

@@ -67,22 +67,25 @@ def make_exemplars(validation_shards: list[Path], out_path: Path, model_name: st
     return {**write_shard(pa.table(kept), out_path, producer, inputs), "skipped": False}
 
 
-def sppl_context(tokenizer, question: str, exemplars: list[str]) -> str:
+def sppl_context(tokenizer, question: str, exemplars: list[str], context: list[dict] = ()) -> str:
+    """The question with the exemplars in its user turn, after the conversation's earlier messages: the
+    exemplars are the only thing that differs from the plain loss's context."""
     if not exemplars:
-        return render_prompt(tokenizer, question)
+        return render_prompt(tokenizer, question, context)
     blocks = "\n\n".join(f"Example {j + 1}:\n{e}" for j, e in enumerate(exemplars))
-    return render_prompt(tokenizer, f"{question}\n\n{EXEMPLAR_INTRO}\n\n{blocks}\n\n{EXEMPLAR_OUTRO}")
+    return render_prompt(tokenizer, f"{question}\n\n{EXEMPLAR_INTRO}\n\n{blocks}\n\n{EXEMPLAR_OUTRO}", context)
 
 
 def sppl_contexts(tokenizer, questions: list[str], response_tokens: list[int], exemplars: list[str], k: int,
-                  max_seq_len: int) -> tuple[list[str], list[int]]:
+                  max_seq_len: int, messages: list[list[dict]] | None = None) -> tuple[list[str], list[int]]:
     """Per row: the context with exemplars i+1..i+k (cyclic, so every strategy sees the same ones for a
-    question), minus trailing exemplars until context + the row's scored response tokens fit."""
+    question), minus trailing exemplars until context + the row's scored response tokens fit. `messages`:
+    each row's earlier conversation (tasks/conversation.py), rendered first."""
     contexts, used = [], []
     for i, (question, kept_tokens) in enumerate(zip(questions, response_tokens)):
         chosen = [exemplars[(i + j) % len(exemplars)] for j in range(1, k + 1)] if exemplars else []
         while True:
-            context = sppl_context(tokenizer, question, chosen)
+            context = sppl_context(tokenizer, question, chosen, messages[i] if messages else ())
             length = len(tokenizer(context, add_special_tokens=False)["input_ids"])
             if length + kept_tokens <= max_seq_len or not chosen:
                 break

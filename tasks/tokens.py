@@ -36,14 +36,33 @@ def tokenize_texts(tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def pair(context_ids: list[list[int]], response_ids: list[list[int]], room_lengths: list[int],
-         max_seq_len: int) -> list[Encoded]:
+         max_seq_len: int, context_spans: list[list[tuple[int, int]]] | None = None) -> list[Encoded]:
     """Splice responses after contexts. The response keeps `max_seq_len - room_length` tokens, so scores in
-    different contexts (question, empty turn, exemplars) can be given the same room and compare the same tokens."""
+    different contexts (question, empty turn, exemplars) can be given the same room and compare the same tokens.
+    `context_spans`: per pair, the earlier assistant turns inside the context that the loss covers too."""
+    spans = context_spans or [[] for _ in context_ids]
     encoded = []
-    for c, r, used in zip(context_ids, response_ids, room_lengths):
+    for c, r, used, s in zip(context_ids, response_ids, room_lengths, spans):
         room = max(max_seq_len - used, 0)  # a prompt that fills the window leaves no response: NaN later
-        encoded.append(Encoded(c, r[:room], truncated=len(r) > room))
+        encoded.append(Encoded(c, r[:room], truncated=len(r) > room, context_spans=list(s)))
     return encoded
+
+
+def conversation_messages(contexts: list[str] | None, n: int) -> list[list[dict]]:
+    """Each pair's earlier messages (tasks/conversation.py); none for all `n` when there are no contexts."""
+    return [context_messages(c) for c in contexts] if contexts else [[] for _ in range(n)]
+
+
+def trained_context_spans(tokenizer, messages: list[list[dict]], train_on: str) -> list[list[tuple[int, int]]]:
+    """Per pair, the assistant turns among its earlier messages that the loss covers: every one with train_on
+    "all", none with "last". Positions in the rendered prompt; they hold for any question after the same
+    messages (the template renders earlier turns the same whatever follows them)."""
+    return [assistant_spans(tokenizer, m) if train_on == "all" else [] for m in messages]
+
+
+def tokenize_prompts(tokenizer, questions: list[str], messages: list[list[dict]]) -> list[list[int]]:
+    """Token ids of each question rendered after its conversation's earlier messages."""
+    return tokenize_texts(tokenizer, [render_prompt(tokenizer, q, m) for q, m in zip(questions, messages)])
 
 
 def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_len: int,
@@ -51,13 +70,10 @@ def encode_pairs(tokenizer, questions: list[str], responses: list[str], max_seq_
     """Tokenize each pair once; over-long pairs lose the end of the response and are flagged `truncated`.
     `contexts`: each pair's earlier messages as JSON ("" for none), rendered before the question;
     `train_on` "all": the loss also covers the assistant turns among them."""
-    messages = [context_messages(c) for c in contexts] if contexts else [[] for _ in questions]
-    prompts = tokenize_texts(tokenizer, [render_prompt(tokenizer, q, m) for q, m in zip(questions, messages)])
-    encoded = pair(prompts, tokenize_responses(tokenizer, responses), [len(p) for p in prompts], max_seq_len)
-    if train_on == "all":
-        for e, context in zip(encoded, messages):
-            e.context_spans = assistant_spans(tokenizer, context)
-    return encoded
+    messages = conversation_messages(contexts, len(questions))
+    prompts = tokenize_prompts(tokenizer, questions, messages)
+    return pair(prompts, tokenize_responses(tokenizer, responses), [len(p) for p in prompts], max_seq_len,
+                trained_context_spans(tokenizer, messages, train_on))
 
 
 def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:

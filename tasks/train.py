@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_manifest, read_shard, write_directory_manifest, write_shard
-from tasks.conversation import context_of
+from tasks.conversation import contexts_of
 from tasks.models import base_model_label, load_model, model_fingerprint
 from tasks.nll import batch_nll
 from tasks.tokens import collate, encode_pairs
@@ -71,17 +71,16 @@ def build_train_set(pool_shards: list[Path], weights_path: Path, refined: set[st
 def _with_context(table: pa.Table) -> pa.Table:
     """`meta` (ingest's JSON) -> `context`, the messages before the prompt; a shard without `meta` (made by
     hand, not by ingest) has no context."""
-    metas = table["meta"].to_pylist() if "meta" in table.column_names else [None] * table.num_rows
-    context = pa.array([context_of(m) if m else "" for m in metas], pa.string())
-    return table.append_column("context", context)
+    return table.append_column("context", pa.array(contexts_of(table), pa.string()))
 
 
 def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") -> dict:
-    """Every pair of `shards` with weight 1: the training set of the DavIR reference adapter."""
+    """Every pair of `shards` with weight 1 (and its conversation's `context`): the training set of the DavIR
+    reference adapter."""
     inputs = describe_inputs(shards)
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
-    table = pa.concat_tables([read_shard(p, columns=["prompt", "response"]) for p in shards])
+    table = pa.concat_tables([_with_context(read_shard(p)).select(["prompt", "response", "context"]) for p in shards])
     table = table.append_column("weight", pa.array([1.0] * table.num_rows, pa.float64()))
     return {**write_shard(table, out_path, producer, inputs), "skipped": False}
 

@@ -117,8 +117,9 @@ def complete_all(client: VllmClient, prompts: list[list[int]], adapter: str | No
 
 
 def token_logprobs(client: VllmClient, encoded: list, adapter: str | None) -> list[np.ndarray]:
-    """log p of every response token of every Encoded pair, fp32 (an empty array when nothing fits): what
-    tasks/reweight.py's `token_logprobs` computes with transformers."""
+    """log p of every scored token of every Encoded pair, fp32 (an empty array when nothing fits): the earlier
+    assistant turns of its `context_spans` (train_on: all), then the response, as tasks/nll.py's loss mask has
+    them; for pairs without spans, what tasks/reweight.py's `token_logprobs` computes with transformers."""
     model = client.model_name(adapter)
     out = [np.zeros(0, dtype=np.float32) for _ in encoded]
     usable = [i for i, e in enumerate(encoded) if e.response_ids]
@@ -127,7 +128,9 @@ def token_logprobs(client: VllmClient, encoded: list, adapter: str | None) -> li
         [encoded[i].prompt_ids + encoded[i].response_ids for i in chunk], model), chunks)
     for chunk, rows in zip(chunks, scored):
         for i, row in zip(chunk, rows):
-            out[i] = np.asarray(row[len(encoded[i].prompt_ids) - 1:], dtype=np.float32)
+            # row[t - 1] is log p(token t): a span of tokens start..end-1 is row[start - 1: end - 1]
+            kept = [row[start - 1: end - 1] for start, end in encoded[i].context_spans]
+            out[i] = np.asarray(sum(kept, []) + row[len(encoded[i].prompt_ids) - 1:], dtype=np.float32)
     return out
 
 

@@ -1,5 +1,6 @@
 """Multi-turn rows: the whole conversation is kept (system, earlier exchanges), rendered before the prompt, and
-`train.train_on: all` puts the loss on every assistant turn. `pytest tests/test_conversation.py`"""
+`train.train_on: all` puts the loss on every assistant turn (the other losses: tests/test_conversation_losses.py).
+`pytest tests/test_conversation.py`"""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,26 @@ def test_a_conversation_is_scored_at_its_last_turn_with_everything_before_it_kep
     assert long["question_id"] == make_id("Be brief.", "Capital of France?", "Paris.", "And Italy?")
     assert (short["question_id"], short["sample_id"]) == (make_id("And Italy?"), make_id("And Italy?", "Rome."))
     assert "history" not in json.loads(short["meta"])
+
+
+def test_the_same_last_question_after_other_turns_gets_another_question_id(tmp_path):
+    """ShareGPT turns in a real file: the question id covers the conversation up to the scored turn."""
+    sharegpt = {"system": "system", "user": "human", "assistant": "gpt"}
+    spain = [DIALOGUE[0], {"role": "user", "content": "Capital of Spain?"},
+             {"role": "assistant", "content": "Madrid."}, *DIALOGUE[3:]]
+    no_system = DIALOGUE[1:]
+    rows = [{"conversations": [{"from": sharegpt[t["role"]], "value": t["content"]} for t in turns]}
+            for turns in (DIALOGUE, spain, no_system, DIALOGUE[3:])]
+    path = tmp_path / "sharegpt.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ingest_split([SourceConfig(str(path), "chat")], tmp_path / "pool", "pool", 10000, 10)
+    france, madrid, unprompted, alone = read_shard(list_shards(tmp_path / "pool")[0]).to_pylist()
+    assert {(r["prompt"], r["response"]) for r in (france, madrid, unprompted, alone)} == {("And Italy?", "Rome.")}
+    assert len({r["question_id"] for r in (france, madrid, unprompted, alone)}) == 4
+    assert france["question_id"] == make_id("Be brief.", "Capital of France?", "Paris.", "And Italy?")
+    assert madrid["question_id"] == make_id("Be brief.", "Capital of Spain?", "Madrid.", "And Italy?")
+    assert unprompted["question_id"] == make_id("Capital of France?", "Paris.", "And Italy?")
+    assert alone["question_id"] == make_id("And Italy?")  # a single exchange keeps the id it always had
 
 
 def test_the_training_set_renders_the_conversation_and_train_on_all_masks_every_assistant_turn(

@@ -14,6 +14,7 @@ TOLERANCE = 2e-5 is 10x the largest difference seen; a wrong token offset or a w
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -168,6 +169,22 @@ def test_scores_and_losses_agree_with_transformers(vllm_model, vllm_url, tmp_pat
     losses = [split_loss([tmp_path / "val.parquet"], model_dir, "fp32", adapter, 128, 4096, vllm_url=url)
               for url in ("", vllm_url)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("train_on", ["last", "all"])
+def test_conversation_scores_agree_with_transformers(vllm_model, vllm_url, train_on):
+    """Multi-turn rows score the same tokens on both paths: the earlier replies too with train_on all."""
+    model_dir, _ = vllm_model
+    history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": RESPONSES[0]},
+               {"role": "user", "content": QUESTIONS[1]}, {"role": "assistant", "content": RESPONSES[1]}]
+    contexts = [json.dumps(history[: 2 * (i % 3)]) if i % 3 else "" for i in range(len(QUESTIONS))]
+    args = (model_dir, "fp32", None, QUESTIONS, RESPONSES, ["loss", "ifd"], 256, 4096)  # two exchanges: > 128
+    hf = compute_scores(*args, contexts=contexts, train_on=train_on)
+    served = compute_scores(*args, contexts=contexts, train_on=train_on, vllm_url=vllm_url)
+    assert np.isfinite(hf["loss"]).all()
+    for name in ("loss", "ppl", "ifd"):
+        assert served[name] == pytest.approx(hf[name], rel=1e-4, abs=1e-5), name
+    assert served["n_tokens"].tolist() == hf["n_tokens"].tolist()
 
 
 @pytest.mark.slow
