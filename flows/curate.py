@@ -7,8 +7,9 @@ outputs verify and were computed from its current inputs (storage/inputs.py): a 
 run resumed after a kill) recomputes only what is missing or stale; the catalog replaces rows on primary keys.
 With `series`, each scheduled run is a new run of that series (flows/series.py).
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: a served run gets the flow's function pickled by value, with only
+# the globals its body names, so Prefect could not resolve a string annotation `ConfigSections` when it validates
+# the parameters of the run (the form's values); evaluated annotations travel with the function.
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.artifacts import publish_iteration
 from flows.config import CurateConfig, load_config, parse_config
+from flows.parameters import ConfigSections
 from flows.report import write_report
 from flows.runners import model_server, shard_task_runner
 from flows.series import finish_series_run, scheduled_time, series_run_id
@@ -225,14 +227,23 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
 @flow(name="curate", flow_run_name=_run_name, task_runner=ThreadPoolTaskRunner(max_workers=1))
 def curate(config_path: str, run_id: str = "", root: str = "", series: str = "",
-           overrides: dict | None = None) -> dict:
-    """The whole loop for one config. `overrides` ({"select.budget": 0.5}, `curate run --set`) replace config
-    values, then `run_id`/`root`; with `series` (schedules and deployments set it) the run is that series' run
-    for the scheduled time, `<series>-<YYYYmmddTHHMM>`. The catalog stores the effective config."""
+           overrides: dict | None = None, sections: ConfigSections = ConfigSections()) -> dict:
+    """The whole loop for one config. The catalog stores the effective config: the file, then `overrides`, then
+    `sections`, then `run_id` and `root`.
+
+    Args:
+        config_path: the run's YAML config file (relative paths: to the working directory of the run).
+        run_id: replaces the config's run_id.
+        root: replaces the config's storage root.
+        series: this run is the series' run for its scheduled time, `<series>-<YYYYmmddTHHMM>` (schedules).
+        overrides: dotted keys replacing config values, as `curate run --set` gives them: {"select.budget": 0.5}.
+        sections: config values for this run, by section; empty fields keep the file's (and overrides') values.
+    """
     started = time.time()
     scheduled = scheduled_time()
     run_id = run_id or (series_run_id(series, scheduled) if series else "")
-    overrides = {**(overrides or {}), **{k: v for k, v in (("run_id", run_id), ("root", root)) if v}}
+    overrides = {**(overrides or {}), **sections.overrides(),
+                 **{k: v for k, v in (("run_id", run_id), ("root", root)) if v}}
     cfg: CurateConfig = load_config(config_path, overrides)
     log = get_run_logger()
     paths = RunPaths(Path(cfg.root).resolve(), cfg.run_id)

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
@@ -38,6 +37,7 @@ from tasks.conversation import contexts_of
 from tasks.models import model_fingerprint
 from tasks.bds_update import bds_step, model_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
+from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.score import metric_values
 from tasks.select import WEIGHTS_SCHEMA, rank_and_select
 from tasks.tokens import collate, encode_pairs

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import manifest_path, read_manifest, read_shard, shard_name, write_shard
 from tasks.ingest import make_id
 from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt, stop_token_ids
 from tasks.nll import response_nll, run_halving_on_oom
+from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.tokens import encode_pairs
 
 GENERATION_SCHEMA = pa.schema([

@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
 from tasks.conversation import contexts_of
 from tasks.models import load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
+from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.sppl import sppl_contexts
 from tasks.tokens import (conversation_messages, pair, tokenize_prompts, tokenize_responses, tokenize_texts,
                           trained_context_spans)

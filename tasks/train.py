@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm.auto import tqdm
 
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_manifest, read_shard, write_directory_manifest, write_shard
 from tasks.conversation import contexts_of
 from tasks.models import base_model_label, load_model, model_fingerprint
 from tasks.nll import batch_nll
+from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.tokens import collate, encode_pairs
 
 TRAINING_STATS = "training.json"  # steps, examples, epoch losses; kept in the adapter directory

@@ -56,3 +56,51 @@ def test_sql_refuses_statements_that_write_files(catalog_root, capsys):
     assert not target.exists()
     assert main(["sql", f"attach '{catalog_root / 'other.db'}'", "--root", str(catalog_root)]) == 1
     assert not (catalog_root / "other.db").exists()
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    (tmp_path / "pool.jsonl").write_text(json.dumps({"prompt": "q", "response": "r"}) + "\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("run_id: x\ndata: {pool: pool.jsonl, validation: pool.jsonl}\n")
+    return path
+
+
+def test_serve_set_overrides_become_deployment_parameters(tiny_config, monkeypatch, capsys):
+    import flows.cli
+    from flows.curate import curate
+
+    served = []
+    monkeypatch.setattr(flows.cli, "_require_server", lambda: "http://127.0.0.1:1/api")
+    monkeypatch.setattr(type(curate), "serve", lambda self, **kwargs: served.append(kwargs))
+    assert main(["serve", str(tiny_config), "--name", "n", "--set", "select.budget=0.5",
+                 "--set", "train.epochs=2"]) == 0
+    assert served[-1]["parameters"] == {"config_path": str(tiny_config.resolve()), "series": "n",
+                                        "overrides": {"select.budget": 0.5, "train.epochs": 2}}
+    assert main(["serve", str(tiny_config)]) == 0  # without --set the deployment has no overrides parameter
+    assert served[-1]["parameters"] == {"config_path": str(tiny_config.resolve()), "series": "x"}
+    assert main(["serve", str(tiny_config), "--set", "select.budget=1.5"]) == 2  # refused before serving
+    assert "select.budget: must be in (0, 1], got 1.5" in capsys.readouterr().err and len(served) == 2
+
+
+def test_demo_passes_set_to_the_run(monkeypatch, capsys):
+    import flows.cli
+    import tasks.models
+
+    runs = []
+    monkeypatch.setattr(tasks.models, "fetch_default_model", lambda: None)  # no download in tests
+    monkeypatch.setattr(flows.cli, "run", lambda *args, **kwargs: runs.append((args, kwargs)))
+    assert main(["demo", "--set", "iterations=1", "--set", "select.method=random"]) == 0
+    assert runs == [((str(flows.cli.DEMO_CONFIG), "", "", 0.0),
+                     {"assignments": ["iterations=1", "select.method=random"]})]
+    monkeypatch.undo()
+    monkeypatch.setattr(tasks.models, "fetch_default_model", lambda: None)
+    assert main(["demo", "--set", "train.epochs=0"]) == 2  # the real run refuses it before anything starts
+    assert "train.epochs: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_serve_and_demo_explain_set(capsys):
+    for command in ("serve", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "--set KEY=VALUE" in capsys.readouterr().out

@@ -5,18 +5,12 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import yaml
@@ -26,10 +20,9 @@ from flows.config import load_config
 from flows.report import PLOTS, write_report
 from storage.catalog import query_read_only
 from tests.conftest import REPO, write_tiny_run
+from tests.prefect_server import Server, running_server, start_process, stop_process, wait_for, wait_until_final
 
 PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
-RUN_TIMEOUT = 420  # seconds for one tiny flow run in a worker or runner subprocess, start to Completed
-FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def deployments() -> list[dict]:
@@ -89,96 +82,17 @@ def test_lineage_views_answer_current_weight_and_why_dropped(tmp_path):
     assert edges == [("trained_on", "train_set", "adapter", 2)]
 
 
-# --- a real Prefect server on 127.0.0.1 ---------------------------------------------------------------------
-
-@dataclass
-class Server:
-    api: str
-    env: dict
-    home: Path
-    client: httpx.Client
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], env: dict, log: Path, cwd: Path = REPO) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group (the server's uvicorn, a worker's flow-run processes), SIGKILL after 20 s."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            break
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wait_for(check, timeout: float, what: str, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-
+# --- a real Prefect server on 127.0.0.1 (tests/prefect_server.py) -------------------------------------------
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home / "home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"}
-    proc = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                  env, home / "server.log")
-    client = httpx.Client(base_url=api, timeout=30)
-
-    def healthy() -> bool:
-        assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
-        try:
-            return client.get("/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    try:
-        _wait_for(healthy, 180, "prefect server start to answer /api/health")
-        yield Server(api, env, home, client)
-    finally:
-        client.close()
-        _stop(proc)
+    with running_server(tmp_path_factory.mktemp("prefect-server")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def tiny_config(tiny_model_dir, tmp_path_factory) -> Path:
     return write_tiny_run(tmp_path_factory.mktemp("ops"), tiny_model_dir, run_id="ops", iterations=2)
-
-
-def _wait_until_final(server: Server, flow_run_id: str, log: Path) -> dict:
-    def final():
-        run = server.client.get(f"/flow_runs/{flow_run_id}").json()
-        return run if run["state"]["type"] in FINAL else None
-
-    run = _wait_for(final, RUN_TIMEOUT, f"flow run {flow_run_id} to finish", interval=2)
-    if run["state"]["type"] != "COMPLETED":
-        logs = server.client.post("/logs/filter", json={"logs": {"flow_run_id": {"any_": [flow_run_id]}},
-                                                         "limit": 200}).json()
-        text = "\n".join(entry["message"] for entry in logs)[-4000:]
-        raise AssertionError(f"flow run ended {run['state']['type']}: {run['state']['message']}\n{text}\n"
-                             f"{log.read_text()[-3000:]}")
-    return run
 
 
 def _check_artifacts(server: Server, flow_run_id: str, run_id: str = "ops", iterations: int = 2) -> dict:
@@ -189,8 +103,8 @@ def _check_artifacts(server: Server, flow_run_id: str, run_id: str = "ops", iter
     assert [r["name"] for r in subflows] == [f"curate-{run_id}-iter-{i:03d}" for i in range(1, iterations + 1)]
     assert all(r["state"]["type"] == "COMPLETED" for r in subflows)
     ids = [r["id"] for r in subflows]
-    artifacts = server.client.post("/artifacts/filter", json={
-        "artifacts": {"flow_run_id": {"any_": ids}}}).json()
+    artifacts = server.client.post("/artifacts/filter", json={  # the stages' progress bars: tests/test_ui.py
+        "artifacts": {"flow_run_id": {"any_": ids}, "type": {"not_any_": ["progress"]}}}).json()
     by_key = {}
     for a in artifacts:
         by_key.setdefault(a["key"], []).append(a)
@@ -220,7 +134,7 @@ def _scheduled_runs(server: Server, deployment_id: str, at: str) -> list[dict]:
             "deployment_id": {"any_": [deployment_id]}, "state": {"type": {"any_": ["SCHEDULED"]}}}}).json()
 
     try:
-        upcoming = _wait_for(scheduled, 120, "the scheduler to create the deployment's scheduled runs", interval=2)
+        upcoming = wait_for(scheduled, 120, "the scheduler to create the deployment's scheduled runs", interval=2)
     except AssertionError as e:  # the scheduler's traceback, if it failed, is in the server's log
         raise AssertionError(f"{e}\n{(server.home / 'server.log').read_text()[-3000:]}") from None
     assert all(r["expected_start_time"][11:16] == at for r in upcoming), [r["expected_start_time"] for r in upcoming]
@@ -248,13 +162,13 @@ def test_curate_deploy_runs_the_nightly_deployment_on_a_process_worker(server, t
     _scheduled_runs(server, deployment["id"], "02:00")
 
     worker_log = tmp_path / "worker.log"
-    worker = _start([sys.executable, "-m", "prefect", "worker", "start", "--pool", nightly["work_pool"]["name"]],
-                    server.env, worker_log, cwd=tmp_path)
+    worker = start_process([sys.executable, "-m", "prefect", "worker", "start", "--pool",
+                            nightly["work_pool"]["name"]], server.env, worker_log, cwd=tmp_path)
     try:
         run = server.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={}).json()
-        run = _wait_until_final(server, run["id"], worker_log)
+        run = wait_until_final(server, run["id"], worker_log)
     finally:
-        _stop(worker)
+        stop_process(worker)
     assert run["name"] == "curate-ops"
     _check_artifacts(server, run["id"])
 
@@ -265,8 +179,8 @@ def test_curate_serve_runs_a_series_of_scheduled_runs_without_a_work_pool(server
     config = write_tiny_run(tmp_path, tiny_model_dir, run_id="unused-in-a-series", iterations=1)
     extra = json.loads((REPO / "data" / "demo" / "pool_alpaca.json").read_text())[41:59]
     serve_log = tmp_path / "serve.log"
-    serve = _start([sys.executable, "-m", "flows.cli", "serve", str(config), "--cron", "0 3 * * *",
-                    "--name", "tiny-nightly"], server.env, serve_log)
+    serve = start_process([sys.executable, "-m", "flows.cli", "serve", str(config), "--cron", "0 3 * * *",
+                           "--name", "tiny-nightly"], server.env, serve_log)
     # three nightly ticks that are already due, so the runner starts each one as soon as it exists
     today = datetime.now(timezone.utc).replace(hour=2, minute=0, second=0, microsecond=0)
     ticks = [today - timedelta(days=days) for days in (3, 2, 1)]
@@ -277,7 +191,7 @@ def test_curate_serve_runs_a_series_of_scheduled_runs_without_a_work_pool(server
             response = server.client.get("/deployments/name/curate/tiny-nightly")
             return response.json() if response.status_code == 200 else None
 
-        deployment = _wait_for(served, 120, "curate serve to register its deployment")
+        deployment = wait_for(served, 120, "curate serve to register its deployment")
         assert deployment["work_pool_name"] is None
         assert deployment["parameters"] == {"config_path": str(config), "series": "tiny-nightly"}
         assert [s["schedule"]["cron"] for s in deployment["schedules"]] == ["0 3 * * *"]
@@ -290,9 +204,9 @@ def test_curate_serve_runs_a_series_of_scheduled_runs_without_a_work_pool(server
             run = server.client.post(f"/deployments/{deployment['id']}/create_flow_run", json={"state": {
                 "type": "SCHEDULED", "state_details": {"scheduled_time": tick.isoformat()}}}).json()
             assert "id" in run, run
-            runs.append(_wait_until_final(server, run["id"], serve_log))
+            runs.append(wait_until_final(server, run["id"], serve_log))
     finally:
-        _stop(serve)
+        stop_process(serve)
     run_ids = [f"tiny-nightly-{tick:%Y%m%dT%H%M}" for tick in ticks]
     assert [r["name"] for r in runs] == [f"curate-{run_id}" for run_id in run_ids]
     _check_artifacts(server, runs[0]["id"], run_ids[0], iterations=1)
