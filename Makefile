@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   the bundled demo end to end (venv, pinned install, default model, curate run)
 #   make test   the test suite (same set-up)
+#   make test-fast  the suite without the tests marked slow (whole flows, the real default model) or vllm
+#                   (a real vLLM server): a few minutes, for the edit-test loop
 #   make vllm   .venv-vllm, vLLM's own environment for `backend: vllm` (docs/vllm.md)
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP  := $(VENV)/.installed-stamp
 VLLM_VENV  := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 
-.PHONY: demo test model install vllm clean
+.PHONY: demo test test-fast model install vllm clean
 
 $(STAMP): pyproject.toml requirements.lock
 	python3 -m venv $(VENV)
@@ -42,6 +44,9 @@ demo: model
 
 test: model
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: model
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not vllm" tests
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .curate

@@ -60,7 +60,7 @@ def print_summary(summary: dict) -> None:
 def run(config: str, run_id: str, root: str, wait: float = 0.0, series: str = "",
         assignments: list[str] = ()) -> dict:
     from flows.config_commands import check_data_paths, effective_config, parse_assignments
-    from flows.faults import active_faults
+    from storage.faults import active_faults
     from storage.runlock import run_lock
 
     # everything that can be checked is checked before the run lock and before Prefect starts
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # user-facing errors from any stage: one clear line, the trace stays in Prefect's log
-        from flows.faults import FaultSpecError, InjectedError, InjectedTransientError
+        from storage.faults import FaultSpecError, InjectedError, InjectedTransientError
         from storage.access import RunNotFoundError
         from storage.catalog import CatalogBusyError
         from storage.runlock import RunLockedError

@@ -40,6 +40,7 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
+    """One input of a split; tasks/ingest.py reads these three fields (its `Source`, as tasks do not import flows)."""
     path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
     source: str = ""  # label used in coverage tables; defaults to the file name without extension
     # which keys hold the turns or fields (axolotl's names, docs/formats.md); none: detected per row

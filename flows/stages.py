@@ -13,8 +13,8 @@ import socket
 from prefect import get_run_logger
 from prefect.runtime import task_run
 
-from flows.faults import task  # prefect's @task plus the CURATE_FAULTS hook (fault injection for tests)
 from storage.catalog import CatalogBusyError
+from storage.faults import task  # prefect's @task plus the CURATE_FAULTS hook (fault injection for tests)
 from tasks import bds, diversity, evaluate, generate, ingest, iterit, reweight, score, select, sppl, strategy, train
 from tasks.models import end_of_turn_text, load_tokenizer, models_loaded
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import duckdb
 
-from storage.catalog import _connect, query_read_only
+from storage.catalog import connect_file, query_read_only
 from storage.layout import RunPaths, catalog_path
 from storage.shards import directory_is_complete, read_shard, shard_is_complete
 from storage.views import create_parquet_views
@@ -30,7 +30,7 @@ def connect(root: str | Path = ".curate", lock_timeout: float = 30.0) -> duckdb.
     path = catalog_path(Path(root))
     if not path.exists():
         raise FileNotFoundError(f"no catalog at {path}: run `curate run` first")
-    con = _connect(path, True, lock_timeout)  # waits while a run holds the file for a write
+    con = connect_file(path, True, lock_timeout)  # waits while a run holds the file for a write
     create_parquet_views(con, path.resolve().parent)
     return con
 

@@ -107,7 +107,7 @@ def _now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _connect(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBPyConnection:
+def connect_file(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBPyConnection:
     """Open the file, retrying with backoff while another process holds its lock."""
     deadline = time.monotonic() + lock_timeout
     delay = 0.05
@@ -129,7 +129,7 @@ def _connect(path: Path, read_only: bool, lock_timeout: float) -> duckdb.DuckDBP
 @contextmanager
 def _open(path: Path, read_only: bool, lock_timeout: float) -> Iterator[duckdb.DuckDBPyConnection]:
     with _CONNECT_LOCK:
-        con = _connect(path, read_only, lock_timeout)
+        con = connect_file(path, read_only, lock_timeout)
         try:
             yield con
         finally:

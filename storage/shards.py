@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flows import faults
+from storage import faults
 
 MANIFEST_SUFFIX = ".manifest.json"
 

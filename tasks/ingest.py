@@ -1,7 +1,7 @@
 """Ingest: read pool/validation/test sources into Parquet shards with stable ids; quarantine bad rows.
 
     stats = ingest_split([SourceConfig("data/demo/pool_alpaca.json")], Path("out/pool"), "pool",
-                         max_chars=16000, shard_rows=256)
+                         max_chars=16000, shard_rows=256)   # SourceConfig from flows.config, or any `Source`
 
 Output of one split, in `out_dir` (e.g. runs/demo/pool), and its quarantine beside it (runs/demo/quarantine/pool),
 so that the split's directory holds its rows and nothing else `datasets.load_dataset` would read as data:
@@ -20,16 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import typing
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 
-from flows.config import SourceConfig
 from storage.shards import shard_is_complete, shard_name, write_shard
 from tasks.formats import IngestError, ignored_files, iter_csv, iter_rows, source_files
-from tasks.row_formats import RowError, alpaca_prompt, text, to_pair
+from tasks.row_formats import RowError, RowFormat, alpaca_prompt, text, to_pair
 
 PROMPT_KEYS = ("prompt", "goal", "instruction", "question")  # read_prompts takes the first one present
 SUCCESS = ".SUCCESS.json"  # hidden, like the shard manifests (storage/shards.py)
@@ -39,6 +39,14 @@ POOL_SCHEMA = pa.schema([(name, pa.string()) for name in
                          ("sample_id", "question_id", "source", "prompt", "response", "meta")])
 QUARANTINE_SCHEMA = pa.schema([("file", pa.string()), ("row", pa.int64()), ("reason", pa.string()),
                                ("field", pa.string()), ("detail", pa.string()), ("raw", pa.string())])
+
+
+class Source(typing.Protocol):
+    """One input of a split, as ingest reads it. A run passes flows.config.SourceConfig, which has these fields
+    and validates them; tasks never import flows, so the shape is stated here."""
+    path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
+    source: str  # label of its rows in coverage tables; "" = the file name without extension
+    format: RowFormat | None  # which keys hold the turns or fields; None: detected per row
 
 
 @dataclass
@@ -65,7 +73,7 @@ def make_id(*parts: str) -> str:
     return hashlib.sha256(joined.encode("utf-8")).hexdigest()[:16]
 
 
-def ingest_split(sources: list[SourceConfig], out_dir: Path, split: str, max_chars: int, shard_rows: int,
+def ingest_split(sources: list[Source], out_dir: Path, split: str, max_chars: int, shard_rows: int,
                  producer: str = "") -> IngestStats:
     """Read every source of one split into `out_dir` (layout in the module docstring).
 
@@ -145,7 +153,7 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def _admit(value, src: SourceConfig, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
+def _admit(value, src: Source, file: str, row_no: int, max_chars: int, seen: set[str]) -> dict:
     """One output row for `value`, or RowError with the quarantine reason."""
     if isinstance(value, RowError):  # the reader could not parse or decode this row
         raise value
@@ -185,7 +193,7 @@ def _dumps(value) -> str:
     return s.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _label(src: SourceConfig) -> str:
+def _label(src: Source) -> str:
     return src.source or Path(src.path).name.split(".")[0]  # same default as flows.config.resolve_paths
 
 
@@ -214,7 +222,7 @@ class _ShardWriter:
         self.rows = []
 
 
-def _inputs_digest(sources: list[SourceConfig], split: str, max_chars: int, shard_rows: int) -> str:
+def _inputs_digest(sources: list[Source], split: str, max_chars: int, shard_rows: int) -> str:
     """Hash of everything the output depends on: paths, sizes and mtimes of the inputs, and the settings."""
     h = hashlib.sha256(json.dumps([split, max_chars, shard_rows]).encode())
     for src in sources:

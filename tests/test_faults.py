@@ -1,4 +1,4 @@
-"""Faults survived, injected with CURATE_FAULTS (flows/faults.py) into real runs of the tiny model:
+"""Faults survived, injected with CURATE_FAULTS (storage/faults.py) into real runs of the tiny model:
 transient failures in every stage are retried; a deterministic failure, or one more transient failure than the
 retries allow, stops the run, and a rerun resumes to the outputs and catalog of an uninterrupted run; so does a
 rerun after kill -9 at four points, one after another; kill -9 during a shard write never leaves a partial
@@ -23,8 +23,8 @@ from prefect.tasks import Task
 
 from flows import stages
 from flows.curate import curate
-from flows.faults import InjectedError, InjectedTransientError
 from storage.catalog import Catalog
+from storage.faults import InjectedError, InjectedTransientError
 from storage.shards import (directory_digest, list_shards, read_manifest, sha256_file, shard_is_complete,
                             write_shard)
 from tests.conftest import REPO, write_tiny_run

@@ -18,8 +18,8 @@ import pytest
 
 from flows.cli import main
 from flows.config import ConfigError, ModelConfig, load_config, parse_config
-from flows.faults import FaultSpecError, parse_faults
 from storage.catalog import Catalog, query_read_only
+from storage.faults import FaultSpecError, parse_faults
 from storage.shards import write_shard
 from tasks.generate import apply_template
 from tests.conftest import REPO, write_tiny_run

@@ -16,6 +16,9 @@ Entries, separated by commas:
 <task> is a task name (`score`) or a glob over task run names (`score-*-it1-shard-00001`); <file> is a glob
 over the shard's full path (`*/iter-001/weights.parquet`). The switch is read from the environment only, so
 no config file can turn it on, and with the variable unset every hook returns at once.
+
+It sits in storage/, the bottom layer, because the shard store (storage/shards.py) calls `kill_point`;
+flows/stages.py takes `task` from here.
 """
 from __future__ import annotations
 
