@@ -38,7 +38,7 @@ from tasks import evaluate, score, train  # noqa: E402
 # 150/165 = 91% correct GSM8K (with 150 + 120 + 30 the goal of >= 85% would be out of reach: 120/150 = 80%)
 SIZES = dict(pool_alpaca=150, pool_gsm8k=150, pool_wrong=30, validation=60, test=100)
 BUDGET, EXACT_MATCH_TOKENS = 0.5, 160
-METHODS = ("bds", "full", "random")
+METHODS = ("bds", "full", "random", "bds_seal")  # bds_seal: BDS without the value function
 LAST_NUMBER = re.compile(r"(\d+(?:\.\d+)?)(?!.*\d)", re.S)
 
 
@@ -146,8 +146,10 @@ def main() -> None:
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
     if report.get("sizes") != SIZES:
         report = {"seeds": {}}
-    for seed in args.seeds:
-        report["seeds"][str(seed)] = run_seed(seed, args.work / f"seed-{seed}", args.data, args.methods)
+    for seed, name in [(seed, name) for seed in args.seeds for name in args.methods]:  # the report after each method
+        done = run_seed(seed, args.work / f"seed-{seed}", args.data, [name])
+        entry = report["seeds"].setdefault(str(seed), {"methods": {}})  # keeps the methods of earlier invocations
+        entry["base"], entry["methods"][name] = done["base"], done["methods"][name]
         report.update({"benchmark": "mixture", "date": dt.date.today().isoformat(), "sizes": SIZES,
                        "budget": BUDGET, "bds": vars(bds_config("bds")), "train": vars(TrainConfig()),
                        "model": "SmolLM2-135M-Instruct (default)", "max_seq_len": MAX_SEQ_LEN,
