@@ -91,6 +91,8 @@ def run_seed(seed: int, work: Path, data: Path, last_tokens: list[int]) -> dict:
                                                          work / "objectives" / "val_tuned", 2, seed)),
            "pool": token_nll(shards["pool"], tuned_adapter(work / "objectives" / "pool_set.parquet",
                                                           work / "objectives" / "pool_tuned", 1, seed))}
+    np.savez_compressed(work / "objectives" / "token_nll.npz", labels=labels,
+                        **{f"{m}_{i}": t for m in nll for i, t in enumerate(nll[m])})  # for analyses beyond these
     span = {"all tokens (mean)": np.mean, **{f"last {k} tokens (sum)": (lambda t, k=k: t[-k:].sum())
                                              for k in last_tokens}}
     result = {"seed": seed}
