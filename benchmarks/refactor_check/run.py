@@ -8,10 +8,12 @@
         --out benchmarks/refactor_check/result.json
 
 `produce` runs the tiny test model (tests/tiny.py, built once under the shared parent directory so both sides
-score the same weights) through RUNS, at one fixed storage root (paths end up inside some shards), and copies
-every run directory and the catalog's tables (as Parquet) to the output directory. `compare` reads every
-Parquet file on both sides with pyarrow and compares it column by column; only IGNORED columns, wall-clock
-times and Prefect run ids, are left out. Manifests (JSON, with times and task run ids) are not compared.
+score the same weights) through RUNS, with the data and the storage root at fixed paths (ingest keeps each row's
+file in `meta`, the catalog keeps every path), and copies every run directory and the catalog's tables (as
+Parquet, rows sorted) to the output directory. `compare` reads every Parquet file on both sides with pyarrow and
+compares it column by column, floats bit for bit (so NaN equals NaN); only IGNORED columns, wall-clock times and
+Prefect run ids, are left out. Manifests (JSON, with times and task run ids) are not compared. Five runs take
+about 1.5 min per side on 2 cores.
 """
 from __future__ import annotations
 
@@ -107,7 +109,8 @@ def compare(before: Path, after: Path, out: Path) -> dict:
             c not in old.column_names or c not in new.column_names or not same(old[c], new[c]))]
         files[name] = "identical" if not differs and old.num_rows == new.num_rows else f"differs: {differs}"
         identical &= files[name] == "identical"
-    result = {"identical": identical, "files_compared": len(names), "runs": list(RUNS),
+    result = {"identical": identical, "files_compared": len(names), "before": str(before), "after": str(after),
+              "runs": list(RUNS),
               "ignored_columns": {k: v for k, v in IGNORED.items() if v}, "files": files}
     out.write_text(json.dumps(result, indent=1) + "\n")
     return result
