@@ -18,6 +18,8 @@ from pathlib import Path
 import yaml
 
 from tasks.row_formats import DEFAULT_ROLES, RowFormat
+from tasks.score import POOL_SCORES, SCORES
+from tasks.select import SELECTORS
 
 
 class ConfigError(ValueError):
@@ -69,7 +71,8 @@ class DataConfig:
 
 @dataclass
 class ScoreConfig:
-    # loss (+ppl), ifd, iterit (IterIT complexity), davir, sppl, diversity (IterIT TF-IDF, pool-level)
+    # loss (+ppl), ifd, iterit (IterIT complexity), davir, sppl, diversity (IterIT TF-IDF, pool-level): the
+    # keys of tasks/score.py's SCORES and POOL_SCORES
     metrics: list[str] = field(default_factory=lambda: ["loss"])
     batch_tokens: int = 4096  # padded tokens per forward batch (length-bucketed)
     davir_reference: typing.Literal["validation", "pool"] = "validation"  # what the DavIR reference is tuned on
@@ -80,7 +83,7 @@ class ScoreConfig:
     cache: bool = True  # reuse scores of identical (shard, model, metric config) across runs
 
     def check(self, where: str) -> None:
-        known = ("loss", "ifd", "iterit", "davir", "sppl", "diversity")
+        known = [*SCORES, *POOL_SCORES]  # read now: a score added to either dict is known
         for name in self.metrics:
             _require(name in known, f"{where}.metrics", f"known metrics are: {', '.join(known)}", name)
         _require(self.batch_tokens >= 64, f"{where}.batch_tokens", "must be >= 64", self.batch_tokens)
@@ -147,7 +150,9 @@ class IterITConfig:
 
 @dataclass
 class SelectConfig:
-    method: typing.Literal["full", "random", "topk", "bds", "iterit"] = "topk"
+    # the keys of tasks/select.py's SELECTORS: this module's annotations are strings, which typing.get_type_hints
+    # evaluates each time a config is built (_build), so a selector added to the dict is a known method
+    method: typing.Literal[tuple(SELECTORS)] = "topk"
     metric: str = "loss"  # score used by topk
     order: typing.Literal["lowest", "highest"] = "lowest"  # topk keeps the lowest (or highest) scores
     budget: float = 0.8  # fraction of the pool kept by random/topk/bds/iterit

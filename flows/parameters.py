@@ -17,6 +17,7 @@ import typing
 from pydantic import BaseModel, ConfigDict, Field
 
 from flows.config import GenerateConfig, ModelConfig, ReweightConfig, SelectConfig, TrainConfig
+from tasks.score import POOL_SCORES, SCORES
 
 SelectMethod = typing.get_type_hints(SelectConfig)["method"]
 SelectOrder = typing.get_type_hints(SelectConfig)["order"]
@@ -39,7 +40,8 @@ class ModelSection(Section):
 
 
 class ScoreSection(Section):
-    metrics: list[str] | None = Field(None, description="loss (always), ifd, iterit, davir, sppl, diversity")
+    metrics: list[str] | None = Field(None, description="loss (always), " + ", ".join(
+        name for name in [*SCORES, *POOL_SCORES] if name != "loss"))
     batch_tokens: int | None = Field(None, description="padded tokens per forward batch (>= 64)")
 
 

@@ -15,7 +15,7 @@ from prefect.runtime import task_run
 
 from storage.catalog import CatalogBusyError
 from storage.faults import task  # prefect's @task plus the CURATE_FAULTS hook (fault injection for tests)
-from tasks import bds, diversity, evaluate, generate, ingest, iterit, reweight, score, select, sppl, strategy, train
+from tasks import evaluate, generate, ingest, reweight, score, select, sppl, strategy, train
 from tasks.models import end_of_turn_text, load_tokenizer, models_loaded
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC}
@@ -66,17 +66,18 @@ def ingest_task(sources, out_dir, split, max_chars, shard_rows) -> dict:
 def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, iteration, cfg, reference_adapter,
                exemplars_path, cache_dir, *, trust_remote_code: bool = False, vllm_url: str = "",
                train_on: str = "last") -> dict:
-    metrics = [m for m in cfg.metrics if m != "diversity"]  # diversity is pool-level: diversity_task
+    metrics = [m for m in cfg.metrics if m in score.SCORES]  # the pool-level ones: pool_score_task
     return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, cfg.batch_tokens,
                                     iteration, metrics, reference_adapter, exemplars_path, cfg.sppl_k,
                                     cache_dir if cfg.cache else None, producer(),
                                     trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on))
 
 
-@task(name="diversity", **RETRIES)
-def diversity_task(pool_shards, out_path, model_name, iteration, *, trust_remote_code: bool = False) -> dict:
+@task(name="pool-score", **RETRIES)
+def pool_score_task(metric, pool_shards, out_path, model_name, iteration, *, trust_remote_code: bool = False) -> dict:
+    """A score of tasks/score.py POOL_SCORES; the flow names the task after it (`diversity`)."""
     end_of_turn = end_of_turn_text(load_tokenizer(model_name, trust_remote_code))
-    return report(diversity.diversity_scores(pool_shards, out_path, end_of_turn, iteration, producer()))
+    return report(score.POOL_SCORES[metric](pool_shards, out_path, end_of_turn, iteration, producer()))
 
 
 @task(name="sppl-exemplars", **RETRIES)
@@ -99,9 +100,11 @@ def reference_task(source_shards, train_set, out_dir, model_name, cfg, epochs, m
 
 
 @task(name="select", **RETRIES)
-def select_task(pool_shards, score_shards, out_path, method, metric, order, budget, seed) -> dict:
-    return report(select.select_samples(pool_shards, score_shards, out_path, method, metric, order, budget, seed,
-        producer()))
+def select_task(method: str, given: select.SelectionInput) -> select.Selection:
+    """The selector of tasks/select.py SELECTORS named `method`; the flow names the task as the selector says
+    (`select`, `bds`, `iterit`)."""
+    chosen = select.SELECTORS[method].select(dataclasses.replace(given, producer=producer()))
+    return dataclasses.replace(chosen, stats=report(chosen.stats))
 
 
 @task(name="plan-refinement", **RETRIES)
@@ -162,24 +165,3 @@ def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_se
     return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
                                      batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer(),
                                      trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on)
-
-
-@task(name="bds", **RETRIES)
-def bds_task(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter, select_cfg,
-             train_cfg, max_seq_len, seed, *, trust_remote_code: bool = False, score_shards=()) -> dict:
-    """Bilevel data selection: learned per-sample weights, per-epoch history, the validation-aligned adapter."""
-    result = bds.run_bds(pool_shards, validation_shards, out_dir, weights_path, model_name, previous_adapter,
-                         select_cfg.bds, train_cfg, max_seq_len, select_cfg.budget, seed, producer(),
-                         trust_remote_code=trust_remote_code, score_shards=score_shards,
-                         train_on=train_cfg.train_on)
-    return report(result)
-
-
-@task(name="iterit", **RETRIES)
-def iterit_task(pool_shards, score_shards, out_dir, weights_path, model_name, dtype, previous_adapter, select_cfg,
-                train_cfg, max_seq_len, batch_tokens, seed, *, trust_remote_code: bool = False) -> dict:
-    end_of_turn = end_of_turn_text(load_tokenizer(model_name, trust_remote_code))
-    return report(iterit.select_iterit(pool_shards, score_shards, out_dir, weights_path, model_name, dtype,
-                                       previous_adapter, select_cfg.iterit, train_cfg, select_cfg.budget, max_seq_len,
-                                       batch_tokens, end_of_turn, seed, producer(),
-                                       trust_remote_code=trust_remote_code, train_on=train_cfg.train_on))

@@ -3,6 +3,8 @@
 Metrics (DESIGN.md): `loss` (+ `ppl`), `ifd` = loss(r|q) / loss(r), `iterit` = ppl(r|q) / ppl(r) (IterIT's
 complexity; its diversity is pool-level, see tasks/diversity.py), `davir` = (loss - loss_ref) / loss with
 the validation-tuned reference adapter, `sppl` = perplexity given style exemplars (tasks/sppl.py).
+Each is one entry of SCORES and its function (POOL_SCORES: the pool-level ones); the config's known
+`score.metrics` are the keys of both.
 Each response is tokenized once and spliced into every context, so ratios compare identical tokens.
 A multi-turn row is scored as training sees it: its earlier messages (`meta`, tasks/conversation.py) rendered
 before the question, and with `train_on: all` its earlier assistant turns counted in every loss.
@@ -14,10 +16,13 @@ shard with the same model computes nothing.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +31,7 @@ import pyarrow.compute as pc
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
 from tasks.conversation import contexts_of
+from tasks.diversity import diversity_scores
 from tasks.models import load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
@@ -34,7 +40,6 @@ from tasks.tokens import (conversation_messages, pair, tokenize_prompts, tokeniz
                           trained_context_spans)
 
 SCORER_VERSION = "3"  # bump when a metric's definition changes: old cache entries stop matching
-METRICS = ("loss", "ifd", "iterit", "davir", "sppl")
 SCORE_SCHEMA = pa.schema([
     ("sample_id", pa.string()), ("metric", pa.string()), ("value", pa.float32()),
     ("model_fingerprint", pa.string()), ("iteration", pa.int32()), ("n_tokens", pa.int64()),
@@ -49,12 +54,79 @@ def _ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
     return out
 
 
+@dataclass
+class Scoring:
+    """What every score of a batch of pairs is computed from: the pairs tokenized once, their loss under the
+    current model, and `nll`, which scores the same response tokens after another context or with another
+    adapter (so ratios compare identical tokens)."""
+    nll: Callable  # (encoded pairs, adapter=the current one) -> (losses, token counts)
+    tokenizer: Any
+    questions: list[str]
+    responses: list[str]
+    messages: list  # each row's earlier turns (tasks/tokens.py conversation_messages)
+    spans: list  # the trained spans of those turns, in every context alike
+    response_ids: list
+    room: list[int]  # tokens of each question context: how much of a response fits
+    encoded: list  # question + response pairs
+    loss: np.ndarray  # per-sample mean NLL of the response given its question
+    max_seq_len: int
+    reference_adapter: str | None = None
+    exemplars: list[str] = field(default_factory=list)
+    sppl_k: int = 3
+
+    def pairs(self, context_ids: list) -> list:
+        """The same response tokens after other contexts, one per sample."""
+        return pair(context_ids, self.response_ids, self.room, self.max_seq_len, self.spans)
+
+    @functools.cached_property
+    def loss_without_question(self) -> np.ndarray:
+        # the unconditioned score drops the question only: a conversation's earlier turns stay, so the ratio
+        # asks how much the last user turn helps beyond the dialogue, not how much the whole dialogue does (its
+        # answer may follow from the earlier turns alone, which is no reason to call the question unhelpful).
+        # Earlier assistant turns (train_on: all) come before the question, so they score alike in both contexts.
+        empty = tokenize_prompts(self.tokenizer, [""] * len(self.questions), self.messages)
+        return self.nll(self.pairs(empty))[0]
+
+
+def loss_and_perplexity(s: Scoring) -> dict[str, np.ndarray]:
+    return {"loss": s.loss, "ppl": np.exp(s.loss.astype(np.float64)).astype(np.float32)}
+
+
+def ifd(s: Scoring) -> dict[str, np.ndarray]:
+    return {"ifd": _ratio(s.loss, s.loss_without_question)}
+
+
+def iterit_complexity(s: Scoring) -> dict[str, np.ndarray]:
+    ratio = np.exp(s.loss.astype(np.float64) - s.loss_without_question.astype(np.float64))
+    return {"iterit": ratio.astype(np.float32)}
+
+
+def davir(s: Scoring) -> dict[str, np.ndarray]:
+    ref_loss, _ = s.nll(s.encoded, s.reference_adapter)
+    return {"davir": _ratio(s.loss - ref_loss, s.loss)}
+
+
+def sppl(s: Scoring) -> dict[str, np.ndarray]:
+    primed_contexts, _ = sppl_contexts(s.tokenizer, s.questions, [len(e.response_ids) for e in s.encoded],
+                                       s.exemplars, s.sppl_k, s.max_seq_len, s.messages)
+    primed, _ = s.nll(s.pairs(tokenize_texts(s.tokenizer, primed_contexts)))
+    return {"sppl": np.exp(primed.astype(np.float64)).astype(np.float32)}
+
+
+# Per-sample scores, in the order a score shard lists them: name -> {metric: values} of a Scoring. `loss` is
+# always computed (every other score is built on it). Adding a score is one entry here and its function.
+SCORES = {"loss": loss_and_perplexity, "ifd": ifd, "iterit": iterit_complexity, "davir": davir, "sppl": sppl}
+# Scores fitted on the whole pool, one task per pool rather than per shard:
+# name -> (pool shards, out path, end-of-turn text, iteration, producer) -> the written shard's manifest
+POOL_SCORES = {"diversity": diversity_scores}
+
+
 def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: list[str], responses: list[str],
                    metrics: list[str], max_seq_len: int, batch_tokens: int, reference_adapter: str | None = None,
                    exemplars: list[str] | None = None, sppl_k: int = 3, progress=None, *,
                    trust_remote_code: bool = False, vllm_url: str = "", contexts: list[str] | None = None,
                    train_on: str = "last") -> dict[str, np.ndarray]:
-    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics.
+    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics (SCORES).
     `vllm_url`: the log-probs come from that vLLM server (backend: vllm) instead of transformers.
     `contexts`: each row's earlier messages as JSON ("" for none), rendered before the question in every
     context; `train_on` "all": every loss also covers the assistant turns among them."""
@@ -83,25 +155,12 @@ def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: 
     room = [len(q) for q in question_ids]  # the question context decides how much of a response fits
     encoded = pair(question_ids, response_ids, room, max_seq_len, spans)
     loss, counts = nll(encoded, bar=progress)
-    out = {"loss": loss, "ppl": np.exp(loss.astype(np.float64)).astype(np.float32), "n_tokens": counts,
-           "truncated": np.array([e.truncated for e in encoded])}
-    if "ifd" in metrics or "iterit" in metrics:
-        # the unconditioned score drops the question only: a conversation's earlier turns stay, so the ratio
-        # asks how much the last user turn helps beyond the dialogue, not how much the whole dialogue does (its
-        # answer may follow from the earlier turns alone, which is no reason to call the question unhelpful).
-        # Earlier assistant turns (train_on: all) come before the question, so they score alike in both contexts.
-        empty = tokenize_prompts(tokenizer, [""] * len(questions), messages)
-        alone, _ = nll(pair(empty, response_ids, room, max_seq_len, spans))
-        out["ifd"] = _ratio(loss, alone)
-        out["iterit"] = np.exp(loss.astype(np.float64) - alone.astype(np.float64)).astype(np.float32)
-    if "sppl" in metrics:
-        primed_contexts, _ = sppl_contexts(tokenizer, questions, [len(e.response_ids) for e in encoded],
-                                           exemplars or [], sppl_k, max_seq_len, messages)
-        primed, _ = nll(pair(tokenize_texts(tokenizer, primed_contexts), response_ids, room, max_seq_len, spans))
-        out["sppl"] = np.exp(primed.astype(np.float64)).astype(np.float32)
-    if "davir" in metrics:
-        ref_loss, _ = nll(encoded, reference_adapter)
-        out["davir"] = _ratio(loss - ref_loss, loss)
+    scoring = Scoring(nll, tokenizer, questions, responses, messages, spans, response_ids, room, encoded, loss,
+                      max_seq_len, reference_adapter, exemplars or [], sppl_k)
+    out = {"n_tokens": counts, "truncated": np.array([e.truncated for e in encoded])}
+    for name, score in SCORES.items():
+        if name == "loss" or name in metrics:
+            out.update(score(scoring))
     return out
 
 
@@ -151,11 +210,11 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
                                 reference_adapter, exemplars, sppl_k, progress=bar,
                                 trust_remote_code=trust_remote_code, vllm_url=vllm_url,
                                 contexts=contexts_of(table), train_on=train_on)
-    names = ["loss", "ppl"] + [m for m in METRICS[1:] if m in metrics]
     ids = table["sample_id"].to_pylist()
     parts = []
-    for name in names:
-        value = values[name]
+    for name, value in values.items():
+        if name in ("n_tokens", "truncated"):
+            continue
         reasons = ["" if math.isfinite(v) else _why_nan(name, values["n_tokens"][i]) for i, v in enumerate(value)]
         parts.append(pa.table({
             "sample_id": ids, "metric": [name] * len(ids), "value": pa.array(value, pa.float32()),

@@ -4,11 +4,16 @@ Methods: `full` (direct mixing, uniform weights), `random` (the same budget, see
 (IFD-type ratios at or above 1 are never kept). BDS (tasks/bds.py) and IterIT (tasks/iterit.py) write the same
 weights file.
 `rank` orders samples from most to least preferred; online refinement takes the least preferred questions.
+
+Every method is a `Selector` in SELECTORS: a function from a SelectionInput to a Selection. Adding a method is
+one entry there and its function; the config's `select.method` choices are the dict's keys.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +21,7 @@ import pyarrow.compute as pc
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, write_shard
+from tasks.models import end_of_turn_text, load_tokenizer
 from tasks.score import metric_values
 
 WEIGHTS_SCHEMA = pa.schema([
@@ -92,3 +98,82 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
     }, schema=WEIGHTS_SCHEMA)
     manifest = write_shard(table, out_path, producer, inputs)
     return {**manifest, "skipped": False, "selected": int(selected.sum()), "pool": n}
+
+
+@dataclass(frozen=True)
+class SelectionInput:
+    """What a selector may read, and where it writes; the flow builds it, the task adds `producer`."""
+    pool: list[Path]
+    scores: list[Path]  # this iteration's score shards, the pool-level ones included
+    validation: list[Path]
+    weights: Path  # the weights table to write
+    work_dir: Path  # the selector's own files (per-epoch weights, checkpoints, adapter): iter-NNN/<method>
+    model_name: str
+    dtype: str
+    previous_adapter: str | None  # the model of this iteration: the last iteration's adapter
+    max_seq_len: int
+    batch_tokens: int
+    select: Any  # the run's select settings (flows/config.py SelectConfig: method, metric, budget, bds, ...)
+    train: Any  # the run's train settings (LoRA shape and step size, train_on)
+    seed: int
+    trust_remote_code: bool = False
+    producer: str = ""  # the task run writing the files, for their manifests
+
+
+@dataclass
+class Selection:
+    weights: Path
+    stats: dict  # `selected`, `pool` and the weights' manifest: logged, and the iteration's select metrics
+    selected_from: list[Path]  # the weights' lineage: what the selector read
+    history: list[Path] = field(default_factory=list)  # weights after each epoch (round), in order, if it learns
+    aligned_adapter: str | None = None  # a validation-aligned model it trained: pi_V of the BMO response weights
+
+
+@dataclass(frozen=True)
+class Selector:
+    select: Callable[[SelectionInput], Selection]
+    task: str = "select"  # the Prefect task's name (CURATE_FAULTS targets it) and its runs' `select-<run>-it<n>`
+    mixes_validation: bool = False  # the train set always adds the validation pairs (else train.mix_validation)
+
+
+def by_rank(given: SelectionInput) -> Selection:
+    """full, random or topk (select_samples)."""
+    s = given.select
+    stats = select_samples(given.pool, given.scores, given.weights, s.method, s.metric, s.order, s.budget,
+                           given.seed, given.producer)
+    return Selection(given.weights, stats, selected_from=given.scores)
+
+
+def bds_weights(given: SelectionInput) -> Selection:
+    from tasks import bds  # not at the top: tasks/bds.py imports this module's WEIGHTS_SCHEMA
+
+    s, out = given.select, given.work_dir
+    stats = bds.run_bds(given.pool, given.validation, out, given.weights, given.model_name, given.previous_adapter,
+                        s.bds, given.train, given.max_seq_len, s.budget, given.seed, given.producer,
+                        trust_remote_code=given.trust_remote_code, score_shards=given.scores,
+                        train_on=given.train.train_on)
+    return Selection(given.weights, stats, selected_from=[*given.pool, *given.validation],
+                     history=[bds.epoch_path(out, e) for e in range(1, s.bds.epochs + 1)],
+                     aligned_adapter=str(out / "adapter"))
+
+
+def iterit_weights(given: SelectionInput) -> Selection:
+    from tasks import iterit  # not at the top: tasks/iterit.py imports this module's WEIGHTS_SCHEMA
+
+    s, out = given.select, given.work_dir
+    end_of_turn = end_of_turn_text(load_tokenizer(given.model_name, given.trust_remote_code))
+    stats = iterit.select_iterit(given.pool, given.scores, out, given.weights, given.model_name, given.dtype,
+                                 given.previous_adapter, s.iterit, given.train, s.budget, given.max_seq_len,
+                                 given.batch_tokens, end_of_turn, given.seed, given.producer,
+                                 trust_remote_code=given.trust_remote_code, train_on=given.train.train_on)
+    return Selection(given.weights, stats, selected_from=given.scores,
+                     history=[out / f"round-{r:03d}.parquet" for r in range(1, s.iterit.epochs + 1)])
+
+
+SELECTORS = {
+    "full": Selector(by_rank, mixes_validation=True),  # direct mixing: the pool and the validation pairs
+    "random": Selector(by_rank),
+    "topk": Selector(by_rank),
+    "bds": Selector(bds_weights, task="bds"),
+    "iterit": Selector(iterit_weights, task="iterit"),
+}

@@ -117,11 +117,12 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
     """Ingest -> score every shard -> topk selection -> catalog, through the curate flow's own tasks."""
     from prefect import flow
 
-    from flows.config import ScoreConfig, SourceConfig
+    from flows.config import ScoreConfig, SelectConfig, SourceConfig, TrainConfig
     from flows.stages import ingest_task, score_task, select_task
     from storage.catalog import Catalog
     from storage.layout import RunPaths
     from storage.shards import read_manifest
+    from tasks.select import SelectionInput
 
     @flow(name="soak")
     def soak_flow() -> dict:
@@ -155,8 +156,10 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
                 scores.append(out)
                 shard_seconds.append(time.perf_counter() - started)
         with memory.stage("select"):
-            selection = select_task(list(map(Path, ingested["shards"])), scores, paths.weights(1), "topk", "loss",
-                                    "lowest", 0.8, 0)
+            given = SelectionInput(list(map(Path, ingested["shards"])), scores, [], paths.weights(1),
+                                   paths.iter_dir(1) / "topk", str(model_dir), "fp32", None, 128, 4096,
+                                   SelectConfig("topk", "loss", "lowest", 0.8), TrainConfig(), 0)
+            selection = select_task("topk", given).stats
         with memory.stage("catalog"):
             record("weights", [paths.weights(1)], scores, "selected_from")
             history = catalog.record_weights("soak", 1, 0, paths.weights(1))
