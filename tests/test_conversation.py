@@ -20,7 +20,7 @@ DIALOGUE = [{"role": "system", "content": "Be brief."}, {"role": "user", "conten
 def ingest_rows(tmp_path, rows):
     path = tmp_path / "chat.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ingest_split([SourceConfig(str(path), "chat")], tmp_path / "pool", "pool", 10000, 10)
+    ingest_split([SourceConfig(path=str(path), source="chat")], tmp_path / "pool", "pool", 10000, 10)
     return list_shards(tmp_path / "pool")
 
 
@@ -46,7 +46,7 @@ def test_the_same_last_question_after_other_turns_gets_another_question_id(tmp_p
             for turns in (DIALOGUE, spain, no_system, DIALOGUE[3:])]
     path = tmp_path / "sharegpt.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ingest_split([SourceConfig(str(path), "chat")], tmp_path / "pool", "pool", 10000, 10)
+    ingest_split([SourceConfig(path=str(path), source="chat")], tmp_path / "pool", "pool", 10000, 10)
     france, madrid, unprompted, alone = read_shard(list_shards(tmp_path / "pool")[0]).to_pylist()
     assert {(r["prompt"], r["response"]) for r in (france, madrid, unprompted, alone)} == {("And Italy?", "Rome.")}
     assert len({r["question_id"] for r in (france, madrid, unprompted, alone)}) == 4

@@ -4,7 +4,6 @@ of the scored tokens; `train.train_on: all` adds the earlier assistant turns.
 `pytest tests/test_conversation_losses.py`"""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -65,7 +64,7 @@ def ingest_conversations(directory, names) -> list:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "chat.jsonl"
     path.write_text("".join(json.dumps({"messages": CONVERSATIONS[n]}) + "\n" for n in names))
-    ingest_split([SourceConfig(str(path), "chat")], directory / "split", directory.name, 10000, 10)
+    ingest_split([SourceConfig(path=str(path), source="chat")], directory / "split", directory.name, 10000, 10)
     return list_shards(directory / "split")
 
 
@@ -134,8 +133,8 @@ def test_bds_pool_losses_see_the_history(tiny_model_dir, tmp_path, train_on):
     names = list(CONVERSATIONS)
     pool = ingest_conversations(tmp_path / "pool", names)
     validation = ingest_conversations(tmp_path / "validation", ["spain"])
-    bds = dataclasses.replace(BDSConfig(), epochs=1, learning_rate=0.0, value_function=False, warmup_epochs=0,
-                              autocast=False, batch_size=2)
+    bds = BDSConfig(epochs=1, learning_rate=0.0, value_function=False, warmup_epochs=0,
+                    autocast=False, batch_size=2)
     run_bds(pool, validation, tmp_path / "bds", tmp_path / "weights.parquet", str(tiny_model_dir), None, bds,
             TrainConfig(), 256, budget=0.5, seed=0, train_on=train_on)
     epoch = read_shard(tmp_path / "bds" / "epoch-001.parquet")

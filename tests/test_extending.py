@@ -86,7 +86,7 @@ def test_the_longest_selector_keeps_the_longest_rows_at_the_budget(extended, tmp
 
     pool = _pool(tmp_path)
     given = SelectionInput([pool], [], [], tmp_path / "weights.parquet", tmp_path / "longest", "model", "fp32",
-                           None, 128, 512, SelectConfig("longest", budget=0.4), TrainConfig(), 0)
+                           None, 128, 512, SelectConfig(method="longest", budget=0.4), TrainConfig(), 0)
     selection = SELECTORS["longest"].select(given)
     assert selection.stats == {"selected": 2, "pool": 5} and _kept(selection.weights) == {"s1", "s4"}
 

@@ -31,7 +31,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def ingest(tmp_path: Path, *paths: Path, out: str = "out", max_chars: int = 1000, shard_rows: int = 100):
-    sources = [SourceConfig(str(p)) for p in paths]
+    sources = [SourceConfig(path=str(p)) for p in paths]
     return ingest_split(sources, tmp_path / out, "pool", max_chars=max_chars, shard_rows=shard_rows)
 
 
@@ -92,7 +92,7 @@ def test_alpaca_json_array(tmp_path):
 
 def test_json_object_holding_one_list_and_source_label(tmp_path):
     path = write_json(tmp_path / "wrapped.json", {"version": 2, "data": [{"prompt": "p", "response": "r"}]})
-    stats = ingest_split([SourceConfig(str(path), "mine")], tmp_path / "out", "pool", 100, 10)
+    stats = ingest_split([SourceConfig(path=str(path), source="mine")], tmp_path / "out", "pool", 100, 10)
     assert [(r["prompt"], r["source"]) for r in kept(stats)] == [("p", "mine")]
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import json
 import re
 import sys
@@ -63,7 +62,7 @@ def test_every_form_field_is_a_config_field_of_the_same_type():
     def walk(model, cls, where):
         hints = typing.get_type_hints(cls)
         for name, field in model.model_fields.items():
-            assert name in {f.name for f in dataclasses.fields(cls)}, f"{where}{name} is not a config field"
+            assert name in cls.model_fields, f"{where}{name} is not a config field"
             if isinstance(field.default_factory, type):  # a section: its fields against the config's section
                 walk(field.default_factory, hints[name], f"{where}{name}.")
                 continue

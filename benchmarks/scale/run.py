@@ -45,7 +45,7 @@ def ingest(samples: int, shard_rows: int, work: Path) -> list[Path]:
     rows = json.loads(DATA.read_text())[:samples]
     source = work / "alpaca.jsonl"
     source.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    stats = ingest_split([SourceConfig(str(source), "alpaca")], work / "pool", "pool", 16000, shard_rows)
+    stats = ingest_split([SourceConfig(path=str(source), source="alpaca")], work / "pool", "pool", 16000, shard_rows)
     return [Path(p) for p in stats.shards]
 
 

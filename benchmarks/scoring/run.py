@@ -356,7 +356,7 @@ def worker_flow(args) -> dict:
 
     load_before = os.getloadavg()
     t_start = time.perf_counter()
-    stats = ingest_split([SourceConfig(str(jsonl), "alpaca")], root / "runs" / run_id / "pool", "pool",
+    stats = ingest_split([SourceConfig(path=str(jsonl), source="alpaca")], root / "runs" / run_id / "pool", "pool",
                          max_chars=16000, shard_rows=args.shard_rows)
     timer.add("ingest", time.perf_counter() - t_start)
     t_flow = time.perf_counter()

@@ -59,7 +59,7 @@ def run_seed(seed: int, work: Path, data: Path, tokens: list[int]) -> dict:
     build_data(data, work / "data", seed)
     shards = {}
     for split in ("pool", "validation"):
-        ingest.ingest_split([SourceConfig(str(work / "data" / f"{split}.jsonl"), split)], work / split, split,
+        ingest.ingest_split([SourceConfig(path=str(work / "data" / f"{split}.jsonl"), source=split)], work / split, split,
                             16000, 100)
         shards[split] = list_shards(work / split)
     pool = shards["pool"]

@@ -139,7 +139,7 @@ def ingest_splits(work: Path) -> tuple[dict, dict[str, str]]:
     """Shards of WORK/data/{pool,validation,test}.jsonl, and each pool sample's ground-truth label."""
     shards = {}
     for split in ("pool", "validation", "test"):
-        ingest.ingest_split([SourceConfig(str(work / "data" / f"{split}.jsonl"), split)], work / split, split,
+        ingest.ingest_split([SourceConfig(path=str(work / "data" / f"{split}.jsonl"), source=split)], work / split, split,
                             16000, 100)
         shards[split] = list_shards(work / split)
     labels = {}

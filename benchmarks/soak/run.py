@@ -138,8 +138,8 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
 
         with memory.stage("ingest"):
             ingested = ingest_task(
-                [SourceConfig(str(pool), "synthetic")], paths.split_dir("pool"), "pool", 16000, shard_rows)
-            ingest_task([SourceConfig(str(validation), "validation")], paths.split_dir("validation"), "validation",
+                [SourceConfig(path=str(pool), source="synthetic")], paths.split_dir("pool"), "pool", 16000, shard_rows)
+            ingest_task([SourceConfig(path=str(validation), source="validation")], paths.split_dir("validation"), "validation",
                         16000, shard_rows)
             record("pool", ingested["shards"])
             catalog.record_quarantine("soak", "pool", [{"file": str(pool), "reason": r, "rows": n}
@@ -158,7 +158,7 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
         with memory.stage("select"):
             given = SelectionInput(list(map(Path, ingested["shards"])), scores, [], paths.weights(1),
                                    paths.iter_dir(1) / "topk", str(model_dir), "fp32", None, 128, 4096,
-                                   SelectConfig("topk", "loss", "lowest", 0.8), TrainConfig(), 0)
+                                   SelectConfig(method="topk", metric="loss", order="lowest", budget=0.8), TrainConfig(), 0)
             selection = select_task("topk", given).stats
         with memory.stage("catalog"):
             record("weights", [paths.weights(1)], scores, "selected_from")
