@@ -337,7 +337,8 @@ class CurateConfig(Section):
         computed = set(self.score.metrics) | ({"ppl"} if "loss" in self.score.metrics else set())
         if self.select.method == "topk" and self.select.metric not in computed:
             yield f"select.metric: '{self.select.metric}' is not computed; add it to score.metrics"
-        if (self.generate.enabled and self.reweight.method != "uniform" and self.select.method != "bds"
+        selector = SELECTORS[self.select.method]
+        if (self.generate.enabled and self.reweight.method != "uniform" and not selector.aligns
                 and self.score.davir_reference != "validation"):
             yield ("reweight.method: BMO weights need a validation-aligned model; with select.method "
                    f"{self.select.method!r} that is the reference adapter, so score.davir_reference must be "
@@ -347,8 +348,9 @@ class CurateConfig(Section):
         if self.backend == "vllm" and any(st.model for st in self.generate.strategies):
             yield ("generate.strategies: backend vllm serves one model; a strategy with its own `model` needs "
                    "backend: hf")
-        if self.select.method == "iterit" and "iterit" not in computed:
-            yield "select.method: iterit ranks by the 'iterit' complexity; add it to score.metrics"
+        for name in selector.needs_scores:
+            if name not in computed:
+                yield f"select.method: {self.select.method} reads the '{name}' score; add it to score.metrics"
 
     def to_dict(self) -> dict:
         return self.model_dump()

@@ -29,7 +29,8 @@ from storage.layout import RunPaths
 from storage.runlock import run_lock
 from storage.shards import list_shards, read_manifest
 from tasks.chat_template import model_with_template
-from tasks.models import model_fingerprint
+from tasks.models import ModelSpec, model_fingerprint
+from tasks.select import SELECTORS
 
 SPLITS = ("pool", "validation", "test")
 
@@ -97,7 +98,8 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_
         if not sources:
             continue
         stats = ingest_task.with_options(task_run_name=f"ingest-{cfg.run_id}-{split}")(
-            sources, paths.split_dir(split), split, cfg.data.max_chars, cfg.data.shard_rows)
+            sources, paths.split_dir(split), split=split, max_chars=cfg.data.max_chars,
+            shard_rows=cfg.data.shard_rows)
         ingested[split] = stats
         record_shards(catalog, cfg.run_id, 0, split, stats["shards"], relation="")
         record_shards(catalog, cfg.run_id, 0, "quarantine", stats["quarantine"])
@@ -107,20 +109,22 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_
                  stats["rows_quarantined"], stats["by_reason"] or "")
 
     m = cfg.model
+    base = ModelSpec(m.name, m.dtype, None, m.max_seq_len, m.trust_remote_code)
     before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
-        paths.evaluation(0), list_shards(paths.split_dir("validation")), list_shards(paths.split_dir("test")),
-        m.name, m.dtype, None, m.max_seq_len, cfg.score.batch_tokens, harmful_prompts(cfg), cfg.evaluate,
-        trust_remote_code=m.trust_remote_code, vllm_url=vllm_url, train_on=cfg.train.train_on)
+        paths.evaluation(0), list_shards(paths.split_dir("validation")), test=list_shards(paths.split_dir("test")),
+        model=base, batch_tokens=cfg.score.batch_tokens, harmful_prompts=harmful_prompts(cfg), cfg=cfg.evaluate,
+        vllm_url=vllm_url, train_on=cfg.train.train_on)
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
     reference = None
-    bmo_needs_reference = cfg.generate.enabled and cfg.reweight.method != "uniform" and cfg.select.method != "bds"
+    bmo_needs_reference = (cfg.generate.enabled and cfg.reweight.method != "uniform"
+                           and not SELECTORS[cfg.select.method].aligns)
     if "davir" in cfg.score.metrics or bmo_needs_reference:
         sources = list_shards(paths.split_dir("pool" if cfg.score.davir_reference == "pool" else "validation"))
         reference = str(paths.reference_adapter)
         reference_task.with_options(task_run_name=f"reference-{cfg.run_id}")(
-            sources, paths.reference_train_set, paths.reference_adapter, m.name, cfg.train,
-            cfg.score.reference_epochs, m.max_seq_len, cfg.seed, trust_remote_code=m.trust_remote_code)
+            sources, paths.reference_train_set, out_dir=paths.reference_adapter, model=base, cfg=cfg.train,
+            epochs=cfg.score.reference_epochs, seed=cfg.seed)
         catalog.record_artifact(cfg.run_id, 0, "reference_adapter", reference,
                                 {"rows": read_manifest(paths.reference_train_set)["rows"],
                                  "sha256": model_fingerprint(m.name, reference)}, flow_run_id=str(flow_run.id))

@@ -23,7 +23,7 @@ from storage.shards import list_shards, read_manifest, read_shard, remove_shards
 from tasks.coverage import coverage_rows, selection_summary
 from tasks.generate import SamplingParams, refined_question_ids
 from tasks.ingest import read_prompts
-from tasks.models import model_fingerprint
+from tasks.models import ModelSpec, model_fingerprint
 from tasks.score import POOL_SCORES
 from tasks.select import SELECTORS, SelectionInput
 from tasks.strategy import Strategy
@@ -63,6 +63,12 @@ class Round:
     pool: list[Path]
     validation: list[Path]
     test: list[Path]
+
+    @property
+    def model(self) -> ModelSpec:
+        """This iteration's model: the base with the last iteration's adapter."""
+        m = self.cfg.model
+        return ModelSpec(m.name, m.dtype, self.previous, m.max_seq_len, m.trust_remote_code)
 
     def task_name(self, stage: str, *shard: str) -> str:
         return "-".join([stage, self.cfg.run_id, f"it{self.iteration}", *shard])
@@ -130,19 +136,18 @@ def curate_iteration(config: dict, iteration: int, root: str, reference_adapter:
 
 def _score(r: Round) -> StageResult:
     """Every pool shard's scores (SPPL's exemplars first), then the pool-level scores."""
-    cfg, m, log, outputs, exemplars = r.cfg, r.cfg.model, get_run_logger(), [], None
+    cfg, log, outputs, exemplars = r.cfg, get_run_logger(), [], None
     if "sppl" in cfg.score.metrics or (cfg.generate.enabled and cfg.generate.strategies):
         exemplars = r.paths.sppl_exemplars(r.iteration)
         exemplars_task.with_options(task_run_name=r.task_name("sppl-exemplars"))(
-            r.validation, exemplars, m.name, m.dtype, r.previous, cfg.score, cfg.generate.batch_size,
-            trust_remote_code=m.trust_remote_code)
+            r.validation, exemplars, model=r.model, cfg=cfg.score, batch_size=cfg.generate.batch_size)
         outputs.append(Output("sppl_exemplars", exemplars, r.validation, "answers"))
     submitted = [(shard, r.paths.scores_dir(r.iteration) / shard.name) for shard in r.pool]
     # all shards at once: the task runner spreads them over its workers (threads: one after another)
     futures = [score_task.with_options(task_run_name=r.task_name("score", shard.stem)).submit(
-        shard, out, m.name, m.dtype, r.previous, m.max_seq_len, r.iteration, cfg.score, r.reference_adapter,
-        exemplars, r.paths.score_cache, trust_remote_code=m.trust_remote_code, vllm_url=r.vllm_url,
-        train_on=cfg.train.train_on) for shard, out in submitted]
+        shard, out, model=r.model, iteration=r.iteration, cfg=cfg.score, reference_adapter=r.reference_adapter,
+        exemplars_path=exemplars, cache_dir=r.paths.score_cache, vllm_url=r.vllm_url, train_on=cfg.train.train_on)
+        for shard, out in submitted]
     reused = 0
     for (shard, out), future in zip(submitted, futures):
         done = future.result()
@@ -154,26 +159,27 @@ def _score(r: Round) -> StageResult:
     for metric in [name for name in POOL_SCORES if name in cfg.score.metrics]:
         out = r.paths.scores_dir(r.iteration) / f"{metric}.parquet"
         pool_score_task.with_options(name=metric, task_run_name=r.task_name(metric))(
-            metric, r.pool, out, m.name, r.iteration, trust_remote_code=m.trust_remote_code)
+            metric, r.pool, out_path=out, model=r.model, iteration=r.iteration)
         outputs.append(Output("scores", out, r.pool, "scored"))
     return StageResult(outputs, skipped=reused)
 
 
 def _select(r: Round, scored: StageResult) -> StageResult:
     """A weight for every pool sample from the configured selector (tasks/select.py SELECTORS)."""
-    cfg, m, method = r.cfg, r.cfg.model, r.cfg.select.method
+    cfg, method = r.cfg, r.cfg.select.method
     selector = SELECTORS[method]
-    given = SelectionInput(r.pool, scored.paths("scores"), r.validation, r.paths.weights(r.iteration),
-                           r.paths.iter_dir(r.iteration) / method, m.name, m.dtype, r.previous, m.max_seq_len,
-                           cfg.score.batch_tokens, cfg.select, cfg.train, cfg.seed + r.iteration,
-                           trust_remote_code=m.trust_remote_code)
+    given = SelectionInput(pool=r.pool, scores=scored.paths("scores"), validation=r.validation,
+                           weights=r.paths.weights(r.iteration), work_dir=r.paths.iter_dir(r.iteration) / method,
+                           model=r.model, batch_tokens=cfg.score.batch_tokens, select=cfg.select, train=cfg.train,
+                           seed=cfg.seed + r.iteration)
     selection = select_task.with_options(name=selector.task, task_run_name=r.task_name(selector.task))(
         method, given)
     stats = {"selected": selection.stats["selected"], "pool": selection.stats["pool"]}
     outputs = [Output("weights", selection.weights, selection.selected_from, "selected_from")]
     if selection.aligned_adapter:  # e.g. `bds_adapter`, learned together with the weights
         outputs.append(Output(f"{method}_adapter", selection.aligned_adapter, [selection.weights], "learned_with",
-                              {"rows": stats["pool"], "sha256": model_fingerprint(m.name, selection.aligned_adapter)}))
+                              {"rows": stats["pool"],
+                               "sha256": model_fingerprint(cfg.model.name, selection.aligned_adapter)}))
     # the weights after each epoch of a learning selector, else the weights alone as epoch 0
     history = list(enumerate(selection.history, start=1)) or [(0, selection.weights)]
     get_run_logger().info("select %s: kept %d of %d pool samples", method, stats["selected"], stats["pool"])
@@ -185,8 +191,8 @@ def _refine(r: Round, scored: StageResult, selected: StageResult) -> StageResult
     g, weights, outputs = r.cfg.generate, r.paths.weights(r.iteration), []
     if g.enabled and g.fraction > 0:
         refine = plan_task.with_options(task_run_name=r.task_name("plan-refinement"))(
-            r.pool, weights, r.paths.refine_dir(r.iteration), g.refine, g.fraction, r.cfg.data.shard_rows,
-            r.cfg.seed + r.iteration)
+            r.pool, weights, out_dir=r.paths.refine_dir(r.iteration), refine=g.refine, fraction=g.fraction,
+            shard_rows=r.cfg.data.shard_rows, seed=r.cfg.seed + r.iteration)
         outputs += [Output("refine", shard, [weights], "refines") for shard in refine]
         exemplars = (scored.paths("sppl_exemplars") or [None])[0]
         chosen, compared = _choose_strategy(r, refine, exemplars)
@@ -203,7 +209,7 @@ def _refine(r: Round, scored: StageResult, selected: StageResult) -> StageResult
 
 def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None) -> tuple[Strategy, list[Output]]:
     """The generation strategy with the lowest self-aligned perplexity, if the config offers several."""
-    g, m = r.cfg.generate, r.cfg.model
+    g = r.cfg.generate
     if not g.strategies:
         return Strategy("default", "{question}", g.temperature, g.top_p), []
     questions = [q for shard in refine for q in read_shard(shard, columns=["prompt"])["prompt"].to_pylist()]
@@ -211,28 +217,28 @@ def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None) -> tu
         questions += [q for shard in r.pool for q in read_shard(shard, columns=["prompt"])["prompt"].to_pylist()]
     out = r.paths.iter_dir(r.iteration) / "strategy.parquet"
     chosen = strategy_task.with_options(task_run_name=r.task_name("choose-strategy"))(
-        g.strategies, list(dict.fromkeys(questions))[: g.strategy_questions], out, m.name, m.dtype, r.previous,
-        exemplars, r.cfg.score, m.max_seq_len, g.max_new_tokens, r.cfg.seed + r.iteration,
-        trust_remote_code=m.trust_remote_code)
+        g.strategies, list(dict.fromkeys(questions))[: g.strategy_questions], out_path=out, model=r.model,
+        exemplars_path=exemplars, cfg=r.cfg.score, max_new_tokens=g.max_new_tokens, seed=r.cfg.seed + r.iteration)
     return chosen, [Output("strategy", out, [exemplars], "compared_with")]
 
 
 def _generate(r: Round, refine: list[Path], chosen: Strategy, aligned: str | None) -> list[Output]:
     """Each refinement shard: generate, then reweight once its responses exist."""
-    g, m = r.cfg.generate, r.cfg.model
+    g = r.cfg.generate
+    # the responses' generator, for their BMO ratio: another model (a strategy's own) has no adapter of ours
+    generator = r.model.with_adapter(None if chosen.model else r.previous)
     params = SamplingParams(g.num_responses, chosen.temperature, chosen.top_p, g.max_new_tokens, g.batch_size)
     futures = []
     for index, shard in enumerate(refine):
         out = r.paths.generations_dir(r.iteration) / shard.name
         generated = generate_task.with_options(task_run_name=r.task_name("generate", shard.stem)).submit(
-            shard, out, m.name, m.dtype, r.previous, params, m.max_seq_len, r.cfg.score.batch_tokens,
-            r.cfg.seed * 1_000_003 + r.iteration * 1_009 + index * 101, r.iteration, chosen,
-            trust_remote_code=m.trust_remote_code, vllm_url=r.vllm_url)
+            shard, out, model=r.model, params=params, batch_tokens=r.cfg.score.batch_tokens,
+            seed=r.cfg.seed * 1_000_003 + r.iteration * 1_009 + index * 101, iteration=r.iteration, strategy=chosen,
+            vllm_url=r.vllm_url)
         w_out = r.paths.generation_weights_dir(r.iteration) / shard.name
         reweighted = reweight_task.with_options(task_run_name=r.task_name("reweight", shard.stem)).submit(
-            out, w_out, r.cfg.reweight, m.name, m.dtype, None if chosen.model else r.previous, aligned,
-            m.max_seq_len, r.cfg.score.batch_tokens, chosen, trust_remote_code=m.trust_remote_code,
-            vllm_url=r.vllm_url, wait_for=[generated])
+            out, w_out, cfg=r.cfg.reweight, generator=generator, aligned_adapter=aligned,
+            batch_tokens=r.cfg.score.batch_tokens, strategy=chosen, vllm_url=r.vllm_url, wait_for=[generated])
         futures.append((shard, out, w_out, generated, reweighted))
     outputs = []
     for shard, out, w_out, generated, reweighted in futures:
@@ -246,18 +252,17 @@ def _generate(r: Round, refine: list[Path], chosen: Strategy, aligned: str | Non
 
 def _train(r: Round, refined: StageResult) -> StageResult:
     """The train set (selected pool rows, new responses, validation pairs if mixed in) and its LoRA adapter."""
-    cfg, m = r.cfg, r.cfg.model
+    cfg = r.cfg
     weights, train_set = r.paths.weights(r.iteration), r.paths.train_set(r.iteration)
     adapter = r.paths.adapter(r.iteration)
     generations, generation_weights = refined.paths("generations"), refined.paths("generation_weights")
     mixed_in = r.validation if SELECTORS[cfg.select.method].mixes_validation or cfg.train.mix_validation else []
     train_set_task.with_options(task_run_name=r.task_name("train-set"))(
-        r.pool, weights, refined_question_ids(refined.paths("refine")), generations, generation_weights, mixed_in,
-        train_set)
+        r.pool, weights, refined=refined_question_ids(refined.paths("refine")), generation_shards=generations,
+        weight_shards=generation_weights, validation_shards=mixed_in, out_path=train_set)
     trained = train_task.with_options(task_run_name=r.task_name("train"))(
-        train_set, adapter, m.name, r.previous, cfg.train, m.max_seq_len, cfg.seed + r.iteration,
-        trust_remote_code=m.trust_remote_code)
-    model = {"rows": read_manifest(train_set)["rows"], "sha256": model_fingerprint(m.name, str(adapter))}
+        train_set, adapter, model=r.model, cfg=cfg.train, seed=cfg.seed + r.iteration)
+    model = {"rows": read_manifest(train_set)["rows"], "sha256": model_fingerprint(cfg.model.name, str(adapter))}
     outputs = [Output("train_set", train_set, [weights, *generation_weights, *mixed_in], "assembled_from"),
                Output("adapter", adapter, [train_set], "trained_on", model)]
     edges = [(r.previous, str(adapter), "continued_from")] if r.previous else []
@@ -269,9 +274,9 @@ def _train(r: Round, refined: StageResult) -> StageResult:
 
 def _evaluate(r: Round, trained: StageResult) -> StageResult:
     """Validation and test loss (and the refusal rate, exact match) of the trained adapter."""
-    cfg, m = r.cfg, r.cfg.model
+    cfg = r.cfg
     metrics = evaluate_task.with_options(task_run_name=r.task_name("evaluate"))(
-        r.paths.evaluation(r.iteration), r.validation, r.test, m.name, m.dtype, trained.adapter, m.max_seq_len,
-        cfg.score.batch_tokens, harmful_prompts(cfg), cfg.evaluate, trust_remote_code=m.trust_remote_code,
+        r.paths.evaluation(r.iteration), r.validation, test=r.test, model=r.model.with_adapter(trained.adapter),
+        batch_tokens=cfg.score.batch_tokens, harmful_prompts=harmful_prompts(cfg), cfg=cfg.evaluate,
         vllm_url=r.vllm_url, train_on=cfg.train.train_on)
     return StageResult(stats=metrics)

@@ -1,7 +1,9 @@
 """Thin Prefect task wrappers around the stage functions in `tasks/`.
 
 Retries are for transient failures only (a dropped connection, a timeout, a busy catalog, a flaky disk);
-a bad config, a malformed file or a shape error fails at once with its own message.
+a bad config, a malformed file or a shape error fails at once with its own message. Every parameter after the
+second is keyword-only, and the model a stage runs is one ModelSpec (base, dtype, adapter, max_seq_len,
+trust_remote_code), so two swapped arguments fail loudly instead of silently.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from prefect.runtime import task_run
 from storage.catalog import CatalogBusyError
 from storage.faults import task  # prefect's @task plus the CURATE_FAULTS hook (fault injection for tests)
 from tasks import evaluate, generate, ingest, reweight, score, select, sppl, strategy, train
-from tasks.models import end_of_turn_text, load_tokenizer, models_loaded
+from tasks.models import ModelSpec, end_of_turn_text, load_tokenizer, models_loaded
 
 TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ENOSPC}
 
@@ -58,45 +60,48 @@ RETRIES = dict(retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=retry_
 
 
 @task(name="ingest", **RETRIES)
-def ingest_task(sources, out_dir, split, max_chars, shard_rows) -> dict:
+def ingest_task(sources, out_dir, *, split, max_chars, shard_rows) -> dict:
     return dataclasses.asdict(ingest.ingest_split(sources, out_dir, split, max_chars, shard_rows, producer()))
 
 
 @task(name="score", **RETRIES)
-def score_task(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, iteration, cfg, reference_adapter,
-               exemplars_path, cache_dir, *, trust_remote_code: bool = False, vllm_url: str = "",
-               train_on: str = "last") -> dict:
+def score_task(pool_shard, out_path, *, model: ModelSpec, iteration, cfg, reference_adapter=None,
+               exemplars_path=None, cache_dir=None, vllm_url: str = "", train_on: str = "last") -> dict:
     metrics = [m for m in cfg.metrics if m in score.SCORES]  # the pool-level ones: pool_score_task
-    return report(score.score_shard(pool_shard, out_path, model_name, dtype, adapter, max_seq_len, cfg.batch_tokens,
-                                    iteration, metrics, reference_adapter, exemplars_path, cfg.sppl_k,
-                                    cache_dir if cfg.cache else None, producer(),
-                                    trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on))
+    return report(score.score_shard(pool_shard, out_path, model.name, model.dtype, model.adapter, model.max_seq_len,
+                                    cfg.batch_tokens, iteration, metrics, reference_adapter, exemplars_path,
+                                    cfg.sppl_k, cache_dir if cfg.cache else None, producer(),
+                                    trust_remote_code=model.trust_remote_code, vllm_url=vllm_url,
+                                    train_on=train_on))
 
 
 @task(name="pool-score", **RETRIES)
-def pool_score_task(metric, pool_shards, out_path, model_name, iteration, *, trust_remote_code: bool = False) -> dict:
+def pool_score_task(metric, pool_shards, *, out_path, model: ModelSpec, iteration) -> dict:
     """A score of tasks/score.py POOL_SCORES; the flow names the task after it (`diversity`)."""
-    end_of_turn = end_of_turn_text(load_tokenizer(model_name, trust_remote_code))
+    end_of_turn = end_of_turn_text(load_tokenizer(model.name, model.trust_remote_code))
     return report(score.POOL_SCORES[metric](pool_shards, out_path, end_of_turn, iteration, producer()))
 
 
 @task(name="sppl-exemplars", **RETRIES)
-def exemplars_task(validation_shards, out_path, model_name, dtype, adapter, cfg, batch_size, *,
-                   trust_remote_code: bool = False) -> dict:
-    return report(sppl.make_exemplars(validation_shards, out_path, model_name, dtype, adapter, cfg.sppl_exemplars,
-                                      cfg.sppl_max_new_tokens, batch_size, producer(),
-                                      trust_remote_code=trust_remote_code))
+def exemplars_task(validation_shards, out_path, *, model: ModelSpec, cfg, batch_size) -> dict:
+    return report(sppl.make_exemplars(validation_shards, out_path, model.name, model.dtype, model.adapter,
+                                      cfg.sppl_exemplars, cfg.sppl_max_new_tokens, batch_size, producer(),
+                                      trust_remote_code=model.trust_remote_code))
+
+
+def _train_lora(train_set, out_dir, model: ModelSpec, cfg, epochs, seed) -> dict:
+    """LoRA on `train_set`, continuing model.adapter if it has one."""
+    return train.train_lora(train_set, out_dir, model.name, model.adapter, epochs, cfg.learning_rate,
+                            cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
+                            cfg.max_grad_norm, model.max_seq_len, seed, producer(),
+                            trust_remote_code=model.trust_remote_code, train_on=cfg.train_on)
 
 
 @task(name="reference", **RETRIES)
-def reference_task(source_shards, train_set, out_dir, model_name, cfg, epochs, max_seq_len, seed, *,
-                   trust_remote_code: bool = False) -> dict:
+def reference_task(source_shards, train_set, *, out_dir, model: ModelSpec, cfg, epochs, seed) -> dict:
     """The DavIR reference: the base model LoRA-tuned on the validation set (or the pool)."""
     train.build_uniform_set(source_shards, train_set, producer())
-    return report(train.train_lora(train_set, out_dir, model_name, None, epochs, cfg.learning_rate, cfg.batch_size,
-                                   cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                                   cfg.max_grad_norm, max_seq_len, seed, producer(),
-                                   trust_remote_code=trust_remote_code, train_on=cfg.train_on))
+    return report(_train_lora(train_set, out_dir, model.with_adapter(None), cfg, epochs, seed))
 
 
 @task(name="select", **RETRIES)
@@ -108,60 +113,59 @@ def select_task(method: str, given: select.SelectionInput) -> select.Selection:
 
 
 @task(name="plan-refinement", **RETRIES)
-def plan_task(pool_shards, weights_path, out_dir, refine, fraction, shard_rows, seed) -> list:
+def plan_task(pool_shards, weights_path, *, out_dir, refine, fraction, shard_rows, seed) -> list:
     return generate.plan_refinement(pool_shards, weights_path, out_dir, refine, fraction, shard_rows, seed,
                                     producer())
 
 
 @task(name="generate", **RETRIES)
-def generate_task(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len, batch_tokens, seed,
-                  iteration, strategy, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
+def generate_task(refine_shard, out_path, *, model: ModelSpec, params, batch_tokens, seed, iteration, strategy,
+                  vllm_url: str = "") -> dict:
     if strategy.model:  # another generator: its own weights, no adapter of ours
-        model_name, adapter = strategy.model, None
-    return report(generate.generate_shard(refine_shard, out_path, model_name, dtype, adapter, params, max_seq_len,
-                                          batch_tokens, seed, iteration, producer(), strategy.template,
-                                          trust_remote_code=trust_remote_code, vllm_url=vllm_url))
+        model = dataclasses.replace(model, name=strategy.model, adapter=None)
+    return report(generate.generate_shard(refine_shard, out_path, model.name, model.dtype, model.adapter, params,
+                                          model.max_seq_len, batch_tokens, seed, iteration, producer(),
+                                          strategy.template, trust_remote_code=model.trust_remote_code,
+                                          vllm_url=vllm_url))
 
 
 @task(name="choose-strategy", **RETRIES)
-def strategy_task(strategies, questions, out_path, model_name, dtype, adapter, exemplars_path, cfg, max_seq_len,
-                  max_new_tokens, seed, *, trust_remote_code: bool = False):
+def strategy_task(strategies, questions, *, out_path, model: ModelSpec, exemplars_path, cfg, max_new_tokens, seed):
     candidates = [strategy.Strategy(s.name, s.template, s.temperature, s.top_p, s.model) for s in strategies]
-    chosen = strategy.choose_strategy(candidates, questions, out_path, model_name, dtype, adapter, exemplars_path,
-                                      cfg.sppl_k, max_seq_len, max_new_tokens, cfg.batch_tokens, seed, producer(),
-                                      trust_remote_code=trust_remote_code)
+    chosen = strategy.choose_strategy(candidates, questions, out_path, model.name, model.dtype, model.adapter,
+                                      exemplars_path, cfg.sppl_k, model.max_seq_len, max_new_tokens,
+                                      cfg.batch_tokens, seed, producer(), trust_remote_code=model.trust_remote_code)
     get_run_logger().info("generation strategy: %s", chosen.name)
     return chosen
 
 
 @task(name="reweight", **RETRIES)
-def reweight_task(generation_shard, out_path, cfg, model_name, dtype, generator_adapter, aligned_adapter,
-                  max_seq_len, batch_tokens, strategy, *, trust_remote_code: bool = False, vllm_url: str = "") -> dict:
-    return report(reweight.reweight_shard(generation_shard, out_path, cfg.method, model_name, dtype,
-                                          generator_adapter, aligned_adapter, max_seq_len, batch_tokens, cfg.c_max,
-                                          strategy.template, strategy.model, producer(),
-                                          trust_remote_code=trust_remote_code, vllm_url=vllm_url))
+def reweight_task(generation_shard, out_path, *, cfg, generator: ModelSpec, aligned_adapter, batch_tokens,
+                  strategy, vllm_url: str = "") -> dict:
+    """BMO weights pi_V / pi_gen; `generator` is the model that wrote the responses (the base and its adapter)."""
+    return report(reweight.reweight_shard(generation_shard, out_path, cfg.method, generator.name, generator.dtype,
+                                          generator.adapter, aligned_adapter, generator.max_seq_len, batch_tokens,
+                                          cfg.c_max, strategy.template, strategy.model, producer(),
+                                          trust_remote_code=generator.trust_remote_code, vllm_url=vllm_url))
 
 
 @task(name="train-set", **RETRIES)
-def train_set_task(pool_shards, weights_path, refined, generation_shards, weight_shards, validation_shards,
+def train_set_task(pool_shards, weights_path, *, refined, generation_shards, weight_shards, validation_shards,
                    out_path) -> dict:
     return report(train.build_train_set(pool_shards, weights_path, refined, generation_shards, weight_shards,
-        validation_shards, out_path, producer()))
+                                        validation_shards, out_path, producer()))
 
 
 @task(name="train", **RETRIES)
-def train_task(train_set, out_dir, model_name, previous_adapter, cfg, max_seq_len, seed, *,
-               trust_remote_code: bool = False) -> dict:
-    return report(train.train_lora(train_set, out_dir, model_name, previous_adapter, cfg.epochs, cfg.learning_rate,
-        cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-        cfg.max_grad_norm, max_seq_len, seed, producer(), trust_remote_code=trust_remote_code,
-        train_on=cfg.train_on))
+def train_task(train_set, out_dir, *, model: ModelSpec, cfg, seed) -> dict:
+    """cfg.epochs of LoRA on the train set, continuing model.adapter (the last iteration's) if it has one."""
+    return report(_train_lora(train_set, out_dir, model, cfg, cfg.epochs, seed))
 
 
 @task(name="evaluate", **RETRIES)
-def evaluate_task(out_path, validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens, harmful_prompts,
-                  cfg, *, trust_remote_code: bool = False, vllm_url: str = "", train_on: str = "last") -> dict:
-    return evaluate.evaluate_to_file(out_path, validation, test, model_name, dtype, adapter, max_seq_len,
-                                     batch_tokens, harmful_prompts, cfg.max_new_tokens, cfg.batch_size, producer(),
-                                     trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on)
+def evaluate_task(out_path, validation, *, test, model: ModelSpec, batch_tokens, harmful_prompts, cfg,
+                  vllm_url: str = "", train_on: str = "last") -> dict:
+    return evaluate.evaluate_to_file(out_path, validation, test, model.name, model.dtype, model.adapter,
+                                     model.max_seq_len, batch_tokens, harmful_prompts, cfg.max_new_tokens,
+                                     cfg.batch_size, producer(), trust_remote_code=model.trust_remote_code,
+                                     vllm_url=vllm_url, train_on=train_on)

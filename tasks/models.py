@@ -16,6 +16,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from storage.shards import directory_digest, directory_is_complete, sha256_file, write_directory_manifest
@@ -36,6 +37,20 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 _loaded: dict[tuple, tuple] = {}  # inference models per process (least recently used first), reused by shard tasks
 _load_count = 0  # models loaded from disk by this process: a worker that reuses its models keeps this low
 _file_digests: dict[tuple, str] = {}  # (path, size, mtime_ns, inode) -> sha256 of a model file
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model a stage runs: the base (`default`, a directory or a hub id), its dtype, the LoRA adapter on top
+    (the last iteration's, or none) and the token cap of a prompt + response."""
+    name: str
+    dtype: str = "fp32"
+    adapter: str | None = None
+    max_seq_len: int = 512
+    trust_remote_code: bool = False
+
+    def with_adapter(self, adapter: str | None) -> ModelSpec:
+        return replace(self, adapter=adapter)
 
 
 def models_loaded() -> int:

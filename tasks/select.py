@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, write_shard
-from tasks.models import end_of_turn_text, load_tokenizer
+from tasks.models import ModelSpec, end_of_turn_text, load_tokenizer
 from tasks.score import metric_values
 
 WEIGHTS_SCHEMA = pa.schema([
@@ -100,7 +100,7 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
     return {**manifest, "skipped": False, "selected": int(selected.sum()), "pool": n}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SelectionInput:
     """What a selector may read, and where it writes; the flow builds it, the task adds `producer`."""
     pool: list[Path]
@@ -108,15 +108,11 @@ class SelectionInput:
     validation: list[Path]
     weights: Path  # the weights table to write
     work_dir: Path  # the selector's own files (per-epoch weights, checkpoints, adapter): iter-NNN/<method>
-    model_name: str
-    dtype: str
-    previous_adapter: str | None  # the model of this iteration: the last iteration's adapter
-    max_seq_len: int
+    model: ModelSpec  # this iteration's model: the base with the last iteration's adapter
     batch_tokens: int
     select: Any  # the run's select settings (flows/config.py SelectConfig: method, metric, budget, bds, ...)
     train: Any  # the run's train settings (LoRA shape and step size, train_on)
     seed: int
-    trust_remote_code: bool = False
     producer: str = ""  # the task run writing the files, for their manifests
 
 
@@ -134,6 +130,9 @@ class Selector:
     select: Callable[[SelectionInput], Selection]
     task: str = "select"  # the Prefect task's name (CURATE_FAULTS targets it) and its runs' `select-<run>-it<n>`
     mixes_validation: bool = False  # the train set always adds the validation pairs (else train.mix_validation)
+    # it trains a validation-aligned adapter (pi_V of the BMO weights), so BMO needs no reference adapter for it
+    aligns: bool = False
+    needs_scores: tuple[str, ...] = ()  # scores it reads: the config refuses a run whose score.metrics lack one
 
 
 def by_rank(given: SelectionInput) -> Selection:
@@ -148,10 +147,10 @@ def bds_weights(given: SelectionInput) -> Selection:
     from tasks import bds  # not at the top: tasks/bds.py imports this module's WEIGHTS_SCHEMA
 
     s, out = given.select, given.work_dir
-    stats = bds.run_bds(given.pool, given.validation, out, given.weights, given.model_name, given.previous_adapter,
-                        s.bds, given.train, given.max_seq_len, s.budget, given.seed, given.producer,
-                        trust_remote_code=given.trust_remote_code, score_shards=given.scores,
-                        train_on=given.train.train_on)
+    m = given.model
+    stats = bds.run_bds(given.pool, given.validation, out, given.weights, m.name, m.adapter, s.bds, given.train,
+                        m.max_seq_len, s.budget, given.seed, given.producer, trust_remote_code=m.trust_remote_code,
+                        score_shards=given.scores, train_on=given.train.train_on)
     return Selection(given.weights, stats, selected_from=[*given.pool, *given.validation],
                      history=[bds.epoch_path(out, e) for e in range(1, s.bds.epochs + 1)],
                      aligned_adapter=str(out / "adapter"))
@@ -161,11 +160,12 @@ def iterit_weights(given: SelectionInput) -> Selection:
     from tasks import iterit  # not at the top: tasks/iterit.py imports this module's WEIGHTS_SCHEMA
 
     s, out = given.select, given.work_dir
-    end_of_turn = end_of_turn_text(load_tokenizer(given.model_name, given.trust_remote_code))
-    stats = iterit.select_iterit(given.pool, given.scores, out, given.weights, given.model_name, given.dtype,
-                                 given.previous_adapter, s.iterit, given.train, s.budget, given.max_seq_len,
-                                 given.batch_tokens, end_of_turn, given.seed, given.producer,
-                                 trust_remote_code=given.trust_remote_code, train_on=given.train.train_on)
+    m = given.model
+    end_of_turn = end_of_turn_text(load_tokenizer(m.name, m.trust_remote_code))
+    stats = iterit.select_iterit(given.pool, given.scores, out, given.weights, m.name, m.dtype, m.adapter, s.iterit,
+                                 given.train, s.budget, m.max_seq_len, given.batch_tokens, end_of_turn, given.seed,
+                                 given.producer, trust_remote_code=m.trust_remote_code,
+                                 train_on=given.train.train_on)
     return Selection(given.weights, stats, selected_from=given.scores,
                      history=[out / f"round-{r:03d}.parquet" for r in range(1, s.iterit.epochs + 1)])
 
@@ -174,6 +174,6 @@ SELECTORS = {
     "full": Selector(by_rank, mixes_validation=True),  # direct mixing: the pool and the validation pairs
     "random": Selector(by_rank),
     "topk": Selector(by_rank),
-    "bds": Selector(bds_weights, task="bds"),
-    "iterit": Selector(iterit_weights, task="iterit"),
+    "bds": Selector(bds_weights, task="bds", aligns=True),
+    "iterit": Selector(iterit_weights, task="iterit", needs_scores=("iterit",)),  # IterIT's complexity
 }

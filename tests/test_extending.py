@@ -15,6 +15,7 @@ import pytest
 from flows.config import ConfigError, parse_config
 from storage.shards import list_shards, read_shard, write_shard
 from tasks.score import SCORES, Scoring, score_shard
+from tasks.models import ModelSpec
 from tasks.select import SELECTORS, WEIGHTS_SCHEMA, Selection, SelectionInput, Selector, rank_and_select
 from tests.conftest import write_tiny_run
 
@@ -85,8 +86,9 @@ def test_the_longest_selector_keeps_the_longest_rows_at_the_budget(extended, tmp
     from flows.config import SelectConfig, TrainConfig
 
     pool = _pool(tmp_path)
-    given = SelectionInput([pool], [], [], tmp_path / "weights.parquet", tmp_path / "longest", "model", "fp32",
-                           None, 128, 512, SelectConfig(method="longest", budget=0.4), TrainConfig(), 0)
+    given = SelectionInput(pool=[pool], scores=[], validation=[], weights=tmp_path / "weights.parquet",
+                           work_dir=tmp_path / "longest", model=ModelSpec("model", max_seq_len=128), batch_tokens=512,
+                           select=SelectConfig(method="longest", budget=0.4), train=TrainConfig(), seed=0)
     selection = SELECTORS["longest"].select(given)
     assert selection.stats == {"selected": 2, "pool": 5} and _kept(selection.weights) == {"s1", "s4"}
 

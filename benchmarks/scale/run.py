@@ -75,6 +75,7 @@ def worker(name: str, shards: list[Path], work: Path, args) -> dict:
     from flows.config import RunnerConfig, ScoreConfig
     from flows.runners import prefect_api_for_workers, shard_task_runner, torch_threads
     from flows.stages import score_task
+    from tasks.models import ModelSpec
 
     score_cfg = ScoreConfig(metrics=["loss"], batch_tokens=args.batch_tokens)
     out_dir = work / "scores"
@@ -83,8 +84,8 @@ def worker(name: str, shards: list[Path], work: Path, args) -> dict:
     def score_all(paths: list[Path]) -> dict:
         started = time.perf_counter()
         futures = [score_task.with_options(task_run_name=f"score-{p.stem}").submit(
-            p, out_dir / p.name, "default", args.dtype, None, args.max_seq_len, 1, score_cfg, None, None,
-            work / "cache") for p in paths]
+            p, out_dir / p.name, model=ModelSpec("default", args.dtype, max_seq_len=args.max_seq_len), iteration=1,
+            cfg=score_cfg, cache_dir=work / "cache") for p in paths]
         done = [f.result() for f in futures]
         return {"wall_s": time.perf_counter() - started, "tasks": done}
 

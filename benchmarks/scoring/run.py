@@ -305,10 +305,21 @@ def worker_flow(args) -> dict:
     marks: dict[str, float] = {}
 
     # score_task's signature: (..., batch_tokens, iteration) up to commit ff6a5c6; later (..., iteration,
-    # cfg: ScoreConfig, reference_adapter, exemplars_path, cache_dir). Loss only; a cold score cache under the
-    # temp root, as a first run of `curate run` has (its write is part of the measured time).
+    # cfg: ScoreConfig, reference_adapter, exemplars_path, cache_dir); from the ModelSpec change on, keywords after
+    # the shard and its output. Loss only; a cold score cache under the temp root, as a first run of `curate run`
+    # has (its write is part of the measured time).
     task_params = list(inspect.signature(score_task.fn).parameters)
-    if "cfg" in task_params:
+    if "model" in task_params:
+        from flows.config import ScoreConfig
+        from tasks.models import ModelSpec
+
+        score_cfg = ScoreConfig(metrics=["loss"], batch_tokens=args.batch_tokens)
+        score_api = "ModelSpec"
+
+        def score_task_args(shard, out):
+            return (shard, out), dict(model=ModelSpec("default", args.dtype, max_seq_len=args.max_seq_len),
+                                      iteration=1, cfg=score_cfg, cache_dir=root / "cache" / "scores")
+    elif "cfg" in task_params:
         from flows.config import ScoreConfig
 
         score_cfg = ScoreConfig(metrics=["loss"], batch_tokens=args.batch_tokens)
@@ -316,12 +327,12 @@ def worker_flow(args) -> dict:
 
         def score_task_args(shard, out):
             return (shard, out, "default", args.dtype, None, args.max_seq_len, 1, score_cfg, None, None,
-                    root / "cache" / "scores")
+                    root / "cache" / "scores"), {}
     else:
         score_api = "batch_tokens"
 
         def score_task_args(shard, out):
-            return (shard, out, "default", args.dtype, None, args.max_seq_len, args.batch_tokens, 1)
+            return (shard, out, "default", args.dtype, None, args.max_seq_len, args.batch_tokens, 1), {}
 
     @flow(name="bench-scoring", flow_run_name=f"curate-{run_id}-iter-001",
           task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -339,8 +350,8 @@ def worker_flow(args) -> dict:
         for shard in shards:
             out = scores_dir / Path(shard).name
             t0 = time.perf_counter()
-            score_task.with_options(task_run_name=f"score-{run_id}-it1-{Path(shard).stem}")(
-                *score_task_args(shard, out))
+            positional, keywords = score_task_args(shard, out)
+            score_task.with_options(task_run_name=f"score-{run_id}-it1-{Path(shard).stem}")(*positional, **keywords)
             timer.add("score_task_calls", time.perf_counter() - t0)
             outs.append(str(out))
             t0 = time.perf_counter()  # as flows/curate.py: one artifact and one lineage edge per shard

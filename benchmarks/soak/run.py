@@ -122,6 +122,7 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
     from storage.catalog import Catalog
     from storage.layout import RunPaths
     from storage.shards import read_manifest
+    from tasks.models import ModelSpec
     from tasks.select import SelectionInput
 
     @flow(name="soak")
@@ -137,10 +138,10 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
                     catalog.record_lineage("soak", str(src), str(shard), relation)
 
         with memory.stage("ingest"):
-            ingested = ingest_task(
-                [SourceConfig(path=str(pool), source="synthetic")], paths.split_dir("pool"), "pool", 16000, shard_rows)
-            ingest_task([SourceConfig(path=str(validation), source="validation")], paths.split_dir("validation"), "validation",
-                        16000, shard_rows)
+            ingested = ingest_task([SourceConfig(path=str(pool), source="synthetic")], paths.split_dir("pool"),
+                                   split="pool", max_chars=16000, shard_rows=shard_rows)
+            ingest_task([SourceConfig(path=str(validation), source="validation")], paths.split_dir("validation"),
+                        split="validation", max_chars=16000, shard_rows=shard_rows)
             record("pool", ingested["shards"])
             catalog.record_quarantine("soak", "pool", [{"file": str(pool), "reason": r, "rows": n}
                                                        for r, n in ingested["by_reason"].items()])
@@ -150,15 +151,17 @@ def soak(pool: Path, validation: Path, root: Path, model_dir: Path, shard_rows: 
                 started = time.perf_counter()
                 out = paths.scores_dir(1) / shard.name
                 score_task.with_options(task_run_name=f"score-soak-it1-{shard.stem}")(
-                    shard, out, str(model_dir), "fp32", None, 128, 1, ScoreConfig(metrics=["loss"]), None, None,
-                    paths.score_cache)
+                    shard, out, model=ModelSpec(str(model_dir), max_seq_len=128), iteration=1,
+                    cfg=ScoreConfig(metrics=["loss"]), cache_dir=paths.score_cache)
                 record("scores", [out], [shard], "scored")
                 scores.append(out)
                 shard_seconds.append(time.perf_counter() - started)
         with memory.stage("select"):
-            given = SelectionInput(list(map(Path, ingested["shards"])), scores, [], paths.weights(1),
-                                   paths.iter_dir(1) / "topk", str(model_dir), "fp32", None, 128, 4096,
-                                   SelectConfig(method="topk", metric="loss", order="lowest", budget=0.8), TrainConfig(), 0)
+            given = SelectionInput(pool=list(map(Path, ingested["shards"])), scores=scores, validation=[],
+                                   weights=paths.weights(1), work_dir=paths.iter_dir(1) / "topk",
+                                   model=ModelSpec(str(model_dir), max_seq_len=128), batch_tokens=4096,
+                                   select=SelectConfig(method="topk", metric="loss", order="lowest", budget=0.8),
+                                   train=TrainConfig(), seed=0)
             selection = select_task("topk", given).stats
         with memory.stage("catalog"):
             record("weights", [paths.weights(1)], scores, "selected_from")
