@@ -1,8 +1,8 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   the bundled demo end to end (venv, pinned install, default model, curate run)
 #   make test   the test suite (same set-up)
-#   make test-fast  the suite without the tests marked slow (whole flows, the real default model) or vllm
-#                   (a real vLLM server): a few minutes, for the edit-test loop
+#   make test-fast  the suite without the tests marked slow (whole flows, the real default model, > 20 s each)
+#                   or vllm (a real vLLM server): under 3 minutes on 2 idle cores, for the edit-test loop
 #   make vllm   .venv-vllm, vLLM's own environment for `backend: vllm` (docs/vllm.md)
 VENV   := .venv
 PY     := $(VENV)/bin/python

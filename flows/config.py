@@ -62,7 +62,7 @@ class ModelConfig(Section):
     chat_template: str = ""
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.max_seq_len >= 16, f"max_seq_len", "must be >= 16", self.max_seq_len)
+        yield from _require(self.max_seq_len >= 16, "max_seq_len", "must be >= 16", self.max_seq_len)
 
 
 class SourceConfig(Section):
@@ -96,10 +96,10 @@ class DataConfig(Section):
     shard_rows: int = 256  # rows per Parquet shard: one scoring/generation task per shard
 
     def check(self) -> Iterator[str]:
-        yield from _require(len(self.pool) > 0, f"pool", "needs at least one source", self.pool)
-        yield from _require(len(self.validation) > 0, f"validation", "needs at least one source", self.validation)
-        yield from _require(self.shard_rows >= 1, f"shard_rows", "must be >= 1", self.shard_rows)
-        yield from _require(self.max_chars >= 1, f"max_chars", "must be >= 1", self.max_chars)
+        yield from _require(len(self.pool) > 0, "pool", "needs at least one source", self.pool)
+        yield from _require(len(self.validation) > 0, "validation", "needs at least one source", self.validation)
+        yield from _require(self.shard_rows >= 1, "shard_rows", "must be >= 1", self.shard_rows)
+        yield from _require(self.max_chars >= 1, "max_chars", "must be >= 1", self.max_chars)
 
 
 class ScoreConfig(Section):
@@ -117,10 +117,10 @@ class ScoreConfig(Section):
     def check(self) -> Iterator[str]:
         known = [*SCORES, *POOL_SCORES]  # read now: a score added to either dict is known
         for name in self.metrics:
-            yield from _require(name in known, f"metrics", f"known metrics are: {', '.join(known)}", name)
-        yield from _require(self.batch_tokens >= 64, f"batch_tokens", "must be >= 64", self.batch_tokens)
-        yield from _require(self.reference_epochs >= 1, f"reference_epochs", "must be >= 1", self.reference_epochs)
-        yield from _require(1 <= self.sppl_k <= self.sppl_exemplars, f"sppl_k", "must be in [1, sppl_exemplars]",
+            yield from _require(name in known, "metrics", f"known metrics are: {', '.join(known)}", name)
+        yield from _require(self.batch_tokens >= 64, "batch_tokens", "must be >= 64", self.batch_tokens)
+        yield from _require(self.reference_epochs >= 1, "reference_epochs", "must be >= 1", self.reference_epochs)
+        yield from _require(1 <= self.sppl_k <= self.sppl_exemplars, "sppl_k", "must be in [1, sppl_exemplars]",
                  self.sppl_k)
 
 
@@ -151,20 +151,20 @@ class BDSConfig(Section):
     warmup_epochs: int = 2
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.epochs >= 1, f"epochs", "must be >= 1", self.epochs)
-        yield from _require(self.u_learning_rate >= 0, f"u_learning_rate", "must be >= 0 (0 = learning_rate)",
+        yield from _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        yield from _require(self.u_learning_rate >= 0, "u_learning_rate", "must be >= 0 (0 = learning_rate)",
                  self.u_learning_rate)
-        yield from _require(self.warmup_epochs >= 0, f"warmup_epochs", "must be >= 0", self.warmup_epochs)
-        yield from _require(self.validation_tokens >= 0, f"validation_tokens", "must be >= 0 (0 = all)",
+        yield from _require(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", self.warmup_epochs)
+        yield from _require(self.validation_tokens >= 0, "validation_tokens", "must be >= 0 (0 = all)",
                  self.validation_tokens)
-        yield from _require(self.validation_batch_size >= 0, f"validation_batch_size", "must be >= 0",
+        yield from _require(self.validation_batch_size >= 0, "validation_batch_size", "must be >= 0",
                  self.validation_batch_size)
         yield from _require(0 <= self.lambda0 <= 1, f"lambda0", "must be in [0, 1]", self.lambda0)
-        yield from _require(self.lambda_decay >= 0, f"lambda_decay", "must be >= 0", self.lambda_decay)
-        yield from _require(self.logit_lr > 0, f"logit_lr", "must be > 0", self.logit_lr)
-        yield from _require(self.learning_rate > 0, f"learning_rate", "must be > 0", self.learning_rate)
-        yield from _require(self.batch_size >= 1, f"batch_size", "must be >= 1", self.batch_size)
-        yield from _require(self.threshold >= 0, f"threshold", "must be >= 0", self.threshold)
+        yield from _require(self.lambda_decay >= 0, "lambda_decay", "must be >= 0", self.lambda_decay)
+        yield from _require(self.logit_lr > 0, "logit_lr", "must be > 0", self.logit_lr)
+        yield from _require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        yield from _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        yield from _require(self.threshold >= 0, "threshold", "must be >= 0", self.threshold)
 
 
 class IterITConfig(Section):
@@ -173,9 +173,9 @@ class IterITConfig(Section):
     window: int = 3  # later rounds re-score the first window x k samples of the ranking with the live model
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.epochs >= 1, f"epochs", "must be >= 1", self.epochs)
-        yield from _require(0 <= self.decay <= 1, f"decay", "must be in [0, 1]", self.decay)
-        yield from _require(self.window >= 1, f"window", "must be >= 1", self.window)
+        yield from _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        yield from _require(0 <= self.decay <= 1, "decay", "must be in [0, 1]", self.decay)
+        yield from _require(self.window >= 1, "window", "must be >= 1", self.window)
 
 
 class SelectConfig(Section):
@@ -197,7 +197,7 @@ class SelectConfig(Section):
         return value
 
     def check(self) -> Iterator[str]:
-        yield from _require(0 < self.budget <= 1, f"budget", "must be in (0, 1]", self.budget)
+        yield from _require(0 < self.budget <= 1, "budget", "must be in (0, 1]", self.budget)
 
 
 class StrategyConfig(Section):
@@ -208,8 +208,8 @@ class StrategyConfig(Section):
     model: str = ""  # another generator (local dir or hub id); empty = the current model
 
     def check(self) -> Iterator[str]:
-        yield from _require("{question}" in self.template, f"template", "must contain {question}", self.template)
-        yield from _require(self.temperature >= 0, f"temperature", "must be >= 0 (0 = greedy)", self.temperature)
+        yield from _require("{question}" in self.template, "template", "must contain {question}", self.template)
+        yield from _require(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)", self.temperature)
 
 
 class GenerateConfig(Section):
@@ -227,12 +227,12 @@ class GenerateConfig(Section):
 
     def check(self) -> Iterator[str]:
         names = [s.name for s in self.strategies]
-        yield from _require(len(names) == len(set(names)), f"strategies", "names must be unique", names)
-        yield from _require(0 <= self.fraction <= 1, f"fraction", "must be in [0, 1]", self.fraction)
-        yield from _require(self.num_responses >= 1, f"num_responses", "must be >= 1", self.num_responses)
-        yield from _require(self.temperature > 0, f"temperature", "must be > 0", self.temperature)
-        yield from _require(0 < self.top_p <= 1, f"top_p", "must be in (0, 1]", self.top_p)
-        yield from _require(self.max_new_tokens >= 1, f"max_new_tokens", "must be >= 1", self.max_new_tokens)
+        yield from _require(len(names) == len(set(names)), "strategies", "names must be unique", names)
+        yield from _require(0 <= self.fraction <= 1, "fraction", "must be in [0, 1]", self.fraction)
+        yield from _require(self.num_responses >= 1, "num_responses", "must be >= 1", self.num_responses)
+        yield from _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        yield from _require(0 < self.top_p <= 1, "top_p", "must be in (0, 1]", self.top_p)
+        yield from _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
 
 
 class ReweightConfig(Section):
@@ -243,7 +243,7 @@ class ReweightConfig(Section):
     c_max: float = 10.0  # clip of the ratio
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.c_max > 0, f"c_max", "must be > 0", self.c_max)
+        yield from _require(self.c_max > 0, "c_max", "must be > 0", self.c_max)
 
 
 class TrainConfig(Section):
@@ -262,10 +262,10 @@ class TrainConfig(Section):
     train_on: typing.Literal["last", "all"] = "last"
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.epochs >= 1, f"epochs", "must be >= 1", self.epochs)
-        yield from _require(self.learning_rate > 0, f"learning_rate", "must be > 0", self.learning_rate)
-        yield from _require(self.batch_size >= 1, f"batch_size", "must be >= 1", self.batch_size)
-        yield from _require(self.lora_r >= 1, f"lora_r", "must be >= 1", self.lora_r)
+        yield from _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        yield from _require(self.learning_rate > 0, "learning_rate", "must be > 0", self.learning_rate)
+        yield from _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        yield from _require(self.lora_r >= 1, "lora_r", "must be >= 1", self.lora_r)
 
 
 class EvaluateConfig(Section):
@@ -273,8 +273,8 @@ class EvaluateConfig(Section):
     batch_size: int = 16
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.max_new_tokens >= 1, f"max_new_tokens", "must be >= 1", self.max_new_tokens)
-        yield from _require(self.batch_size >= 1, f"batch_size", "must be >= 1", self.batch_size)
+        yield from _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
+        yield from _require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 
 
 class RunnerConfig(Section):
@@ -285,8 +285,9 @@ class RunnerConfig(Section):
     threads_per_worker: int = 0  # torch threads in each worker; 0 = this machine's cores / workers
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.workers >= 1, f"workers", "must be >= 1", self.workers)
-        yield from _require(self.threads_per_worker >= 0, f"threads_per_worker", "must be >= 0", self.threads_per_worker)
+        yield from _require(self.workers >= 1, "workers", "must be >= 1", self.workers)
+        yield from _require(self.threads_per_worker >= 0, "threads_per_worker", "must be >= 0",
+                            self.threads_per_worker)
 
 
 class VllmConfig(Section):
@@ -304,10 +305,10 @@ class VllmConfig(Section):
     extra_args: list[str] = Field(default_factory=list)  # more `vllm serve` flags, passed as they are
 
     def check(self) -> Iterator[str]:
-        yield from _require(self.tensor_parallel_size >= 1, f"tensor_parallel_size", "must be >= 1",
+        yield from _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1",
                  self.tensor_parallel_size)
-        yield from _require(self.kvcache_space_gib >= 1, f"kvcache_space_gib", "must be >= 1", self.kvcache_space_gib)
-        yield from _require(self.cpu_threads >= 0, f"cpu_threads", "must be >= 0", self.cpu_threads)
+        yield from _require(self.kvcache_space_gib >= 1, "kvcache_space_gib", "must be >= 1", self.kvcache_space_gib)
+        yield from _require(self.cpu_threads >= 0, "cpu_threads", "must be >= 0", self.cpu_threads)
 
 
 class CurateConfig(Section):

@@ -83,4 +83,6 @@ def _strip_optional(cls):
 
 def _unknown_field(key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
-    return "unknown field" + (f"; did you mean '{close[0]}'?" if close else f"; known fields: {', '.join(sorted(known))}")
+    if close:
+        return f"unknown field; did you mean '{close[0]}'?"
+    return f"unknown field; known fields: {', '.join(sorted(known))}"

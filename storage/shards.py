@@ -14,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -151,6 +153,20 @@ def remove_shards_except(directory: Path, keep: list[Path]) -> list[Path]:
         manifest_path(path).unlink(missing_ok=True)  # the manifest first: a half-removed shard counts as missing
         path.unlink()
     return removed
+
+
+@contextmanager
+def staged_directory(out_dir: Path, staging_name: str = ""):
+    """An empty staging directory beside `out_dir` to write into; when the block ends without an error it
+    replaces `out_dir` in one rename, so `out_dir` appears complete or not at all. After a failure `out_dir` is as
+    it was, and the next attempt clears the staging directory first. Default name: `<out_dir>.tmp`."""
+    out_dir = Path(out_dir)
+    staging = out_dir.with_name(staging_name or out_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staging.rename(out_dir)
 
 
 def write_directory_manifest(directory: Path, producer: str = "", inputs: dict | None = None) -> dict:

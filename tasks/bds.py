@@ -32,14 +32,15 @@ import numpy as np
 import pyarrow as pa
 
 from storage.inputs import describe_inputs, is_current, plain_settings
-from storage.shards import read_manifest, read_shard, shard_is_complete, write_directory_manifest, write_shard
+from storage.shards import (read_manifest, read_shard, shard_is_complete, staged_directory, write_directory_manifest,
+                            write_shard)
 from tasks.conversation import contexts_of
 from tasks.models import model_fingerprint
 from tasks.bds_update import bds_step, model_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.score import metric_values
-from tasks.select import WEIGHTS_SCHEMA, rank_and_select
+from tasks.select import rank_and_select, selected_counts, weights_table
 from tasks.tokens import collate, encode_pairs
 from tasks.train import save_adapter, trainable_lora
 
@@ -97,7 +98,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
                                         **({"train_on": train_on} if train_on != "last" else {}))
     inputs = {**checkpoint_inputs, "settings": {**checkpoint_inputs["settings"], "epochs": bds.epochs}}
     if is_current(weights_path, inputs) and is_current(adapter_dir, inputs) and all(map(shard_is_complete, epochs)):
-        return {**read_manifest(weights_path), "skipped": True, **_selected_counts(weights_path)}
+        return {**read_manifest(weights_path), "skipped": True, **selected_counts(weights_path)}
     import torch
 
     torch.manual_seed(seed)
@@ -197,7 +198,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     save_adapter(model, adapter_dir, model_name, producer, inputs=inputs)
     write_shard(read_shard(epochs[-1]), weights_path, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
-    return {**read_manifest(weights_path), "skipped": False, **_selected_counts(weights_path),
+    return {**read_manifest(weights_path), "skipped": False, **selected_counts(weights_path),
             "adapter": str(adapter_dir), "gated": int(gated.sum())}
 
 
@@ -241,16 +242,12 @@ def _save_checkpoint(checkpoint: Path, model, logits, optimizers: dict, epoch: i
     import torch
     from peft import get_peft_model_state_dict
 
-    staging = checkpoint.with_name(checkpoint.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     adapters = {name: get_peft_model_state_dict(model, adapter_name=name)
                 for name in ([THETA, U] if value_function else [THETA])}
-    torch.save({"epoch": epoch, "logits": logits.detach().clone(), "adapters": adapters,
-                **{name: opt.state_dict() for name, opt in optimizers.items()}}, staging / "state.pt")
-    write_directory_manifest(staging, producer, inputs)
-    shutil.rmtree(checkpoint, ignore_errors=True)
-    staging.rename(checkpoint)
+    with staged_directory(checkpoint) as staging:
+        torch.save({"epoch": epoch, "logits": logits.detach().clone(), "adapters": adapters,
+                    **{name: opt.state_dict() for name, opt in optimizers.items()}}, staging / "state.pt")
+        write_directory_manifest(staging, producer, inputs)
 
 
 def _load_checkpoint(checkpoint: Path, model, logits, optimizers: dict) -> int:
@@ -278,18 +275,10 @@ def _write_weights(pool_shards, weights: np.ndarray, fits: np.ndarray, gated: np
     for i in np.flatnonzero(gated & fits):
         reasons[i] = (f"bds: ifd={ifd[i]:.4f} >= 1: the response does not depend on its question "
                       "(select.bds.drop_unhelpful)")
-    table = pa.table({
-        "sample_id": pool["sample_id"], "question_id": pool["question_id"], "source": pool["source"],
-        "weight": weights, "selected": selected, "reason": reasons,
-        "method": ["bds"] * len(weights), "rank": rank,
-    }, schema=WEIGHTS_SCHEMA)
+    table = weights_table(pool, weights, selected, reasons, "bds", rank)
     table = table.append_column("bds_weight", pa.array(weights, pa.float64()))
     for name, values in per_epoch.items():
         table = table.append_column(name, pa.array(values, pa.float64()))
     table = table.append_column("epoch", pa.array([epoch] * len(weights), pa.int32()))
     write_shard(table, out_path, producer)
 
-
-def _selected_counts(weights_path: Path) -> dict:
-    selected = read_shard(weights_path, columns=["selected"])["selected"].to_numpy(zero_copy_only=False)
-    return {"selected": int(selected.sum()), "pool": len(selected)}

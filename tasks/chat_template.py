@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
+from storage.shards import staged_directory
 from tasks.models import VIEW_RECORD, ModelNotAvailableError, end_of_turn_text, load_tokenizer, resolve_model
 
 
@@ -43,14 +43,10 @@ def model_with_template(model_name: str, template_path: str, out_dir: Path, trus
     except Exception as e:
         raise ValueError(f"model.chat_template {template_path}: does not render a user + assistant exchange: "
                          f"{e}") from None
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    tokenizer.save_pretrained(staging)
-    for entry in sorted(base.iterdir()):  # the weights and the model config stay where they are
-        if entry.name != "MANIFEST.json" and not (staging / entry.name).exists():
-            (staging / entry.name).symlink_to(entry.resolve())
-    (staging / VIEW_RECORD).write_text(json.dumps({**record, "end_of_turn": closing}, indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_directory(out_dir) as staging:
+        tokenizer.save_pretrained(staging)
+        for entry in sorted(base.iterdir()):  # the weights and the model config stay where they are
+            if entry.name != "MANIFEST.json" and not (staging / entry.name).exists():
+                (staging / entry.name).symlink_to(entry.resolve())
+        (staging / VIEW_RECORD).write_text(json.dumps({**record, "end_of_turn": closing}, indent=2))
     return str(out_dir)

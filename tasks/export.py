@@ -16,7 +16,6 @@ weighted loss has to use the column (sft-curate's training does, tasks/train.py)
 from __future__ import annotations
 
 import os
-import shutil
 from importlib.metadata import version
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from storage.shards import read_shard
+from storage.shards import read_shard, staged_directory
 
 FORMATS = ("messages", "prompt_completion", "alpaca")
 KEPT_COLUMNS = ["weight", "sample_id", "question_id", "source", "origin"]
@@ -76,19 +75,16 @@ def export_train_set(train_set: Path, out_dir: Path, fmt: str, title: str, confi
         raise FileExistsError(f"{out_dir}: not empty; remove it or choose another --out")
     table = read_shard(train_set)
     exported = to_format(table, fmt)
-    staging = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "data").mkdir(parents=True)
     count = max(1, -(-exported.num_rows // SHARD_ROWS))
     files = [f"data/train-{i:05d}-of-{count:05d}.parquet" for i in range(count)]
-    for i, name in enumerate(files):
-        pq.write_table(exported.slice(i * SHARD_ROWS, SHARD_ROWS), staging / name)
     stats = {"rows": exported.num_rows, "format": fmt, "files": files, "by_source": counts_by_source(table),
              "weights": weight_summary(table["weight"])}
-    (staging / "README.md").write_text(dataset_card(title, stats, config, train_set))
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    staging.rename(out_dir)
+    # hidden and per process: two exports to one --out do not share a staging directory; out_dir is empty here
+    with staged_directory(out_dir, f".{out_dir.name}.{os.getpid()}.tmp") as staging:
+        (staging / "data").mkdir()
+        for i, name in enumerate(files):
+            pq.write_table(exported.slice(i * SHARD_ROWS, SHARD_ROWS), staging / name)
+        (staging / "README.md").write_text(dataset_card(title, stats, config, train_set))
     return stats
 
 

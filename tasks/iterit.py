@@ -26,7 +26,7 @@ from tasks.conversation import contexts_of
 from tasks.diversity import tfidf_rows
 from tasks.models import model_fingerprint
 from tasks.score import compute_scores, metric_values
-from tasks.select import WEIGHTS_SCHEMA
+from tasks.select import budget_count, selected_counts, weights_table
 from tasks.train import train_lora
 
 
@@ -91,7 +91,7 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
     # `meta` holds a conversation's earlier turns; a shard made by hand may have none (null there)
     pool = pa.concat_tables([read_shard(p) for p in pool_shards], promote_options="default")
     n = pool.num_rows
-    k = max(1, round(budget * n)) if n else 0
+    k = budget_count(budget, n)
     prompts, responses, contexts = pool["prompt"].to_pylist(), pool["response"].to_pylist(), contexts_of(pool)
     offline = metric_values(score_shards, "iterit")
     complexity = np.array([offline.get(s, math.nan) for s in pool["sample_id"].to_pylist()], dtype=np.float64)
@@ -129,14 +129,9 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
         selected[picked] = True
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n)
-        table = pa.table({
-            "sample_id": pool["sample_id"], "question_id": pool["question_id"], "source": pool["source"],
-            "weight": selected.astype(np.float64), "selected": selected, "reason": reasons,
-            "method": ["iterit"] * n, "rank": rank,
-        }, schema=WEIGHTS_SCHEMA)
+        table = weights_table(pool, selected.astype(np.float64), selected, reasons, "iterit", rank)
         table = table.append_column("complexity", pa.array(complexity, pa.float64()))
         write_shard(table.append_column("round", pa.array([round_] * n, pa.int32())), path, producer, round_inputs)
     if not is_current(weights_path, inputs):
         write_shard(read_shard(out_dir / f"round-{iterit.epochs:03d}.parquet"), weights_path, producer, inputs)
-    return {**read_manifest(weights_path), "selected": int(read_shard(weights_path, columns=["selected"])[
-        "selected"].to_numpy(zero_copy_only=False).sum()), "pool": n}
+    return {**read_manifest(weights_path), **selected_counts(weights_path)}

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from storage.access import adapter_path, run_config
+from storage.shards import staged_directory
 from tasks.models import base_model_label, load_tokenizer, resolve_model
 
 
@@ -43,16 +44,12 @@ def merge_adapter(model_name: str, adapter_dir: Path, out_dir: Path, *, chat_tem
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     merged.config.name_or_path = base_model_label(model_name)
     tokenizer = load_tokenizer(model_name, trust_remote_code, chat_template)
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    # without the manifest: the copy's config is rewritten below, and the copy is no run output
-    shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("MANIFEST.json"))
-    _name_base(staging / "adapter" / "adapter_config.json", model_name)
-    if out_dir.exists():
-        out_dir.rmdir()  # empty, checked above
-    staging.rename(out_dir)
+    with staged_directory(out_dir) as staging:  # out_dir is empty or absent, checked above
+        merged.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        # without the manifest: the copy's config is rewritten below, and the copy is no run output
+        shutil.copytree(adapter_dir, staging / "adapter", ignore=shutil.ignore_patterns("MANIFEST.json"))
+        _name_base(staging / "adapter" / "adapter_config.json", model_name)
     return {"path": str(out_dir), "base_model": base_model_label(model_name), "adapter": str(adapter_dir)}
 
 

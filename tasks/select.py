@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, write_shard
@@ -31,6 +30,26 @@ WEIGHTS_SCHEMA = pa.schema([
 ])
 
 
+def budget_count(budget: float, n: int) -> int:
+    """How many of n samples a budget keeps: round(budget * n), and at least one of a non-empty pool."""
+    return max(1, round(budget * n)) if n else 0
+
+
+def weights_table(pool: pa.Table, weights, selected, reasons: list[str], method: str, rank) -> pa.Table:
+    """The weights table every selector writes (WEIGHTS_SCHEMA), one row per pool sample in pool order; a
+    selector appends its own columns (bds_weight, complexity, epoch, round) after these."""
+    return pa.table({
+        "sample_id": pool["sample_id"], "question_id": pool["question_id"], "source": pool["source"],
+        "weight": weights, "selected": selected, "reason": reasons, "method": [method] * len(reasons), "rank": rank,
+    }, schema=WEIGHTS_SCHEMA)
+
+
+def selected_counts(weights_path: Path) -> dict:
+    """`selected` and `pool` of a weights table: the select stage's metrics."""
+    selected = read_shard(weights_path, columns=["selected"])["selected"].to_numpy(zero_copy_only=False)
+    return {"selected": int(selected.sum()), "pool": len(selected)}
+
+
 def rank_and_select(values: np.ndarray, budget: float, threshold: float, method: str, name: str, order: str,
                     missing: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(selected, rank, reason) for values ranked best first; NaN ranks last and is never selected.
@@ -41,7 +60,7 @@ def rank_and_select(values: np.ndarray, budget: float, threshold: float, method:
     order_idx = np.argsort(key, kind="stable")
     rank = np.empty(n, dtype=np.int64)
     rank[order_idx] = np.arange(n)
-    k = max(1, round(budget * n)) if n else 0
+    k = budget_count(budget, n)
     selected = finite & ((values >= threshold) if threshold > 0 else (rank < k))
     reasons = []
     for i in range(n):
@@ -61,13 +80,11 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
     inputs = describe_inputs([*pool_shards, *(score_shards if method == "topk" else [])], method=method,
                              metric=metric, order=order, budget=budget, seed=seed)
     if is_current(out_path, inputs):
-        selected = read_shard(out_path, columns=["selected"])["selected"]
-        return {**read_manifest(out_path), "skipped": True, "selected": pc.sum(selected).as_py() or 0,
-                "pool": len(selected)}
+        return {**read_manifest(out_path), "skipped": True, **selected_counts(out_path)}
     pool = pa.concat_tables([read_shard(p, columns=["sample_id", "question_id", "source"]) for p in pool_shards])
     ids = pool["sample_id"].to_pylist()
     n = len(ids)
-    k = max(1, round(budget * n)) if n else 0
+    k = budget_count(budget, n)
     if method == "full":
         order_idx = list(range(n))
         selected = np.ones(n, dtype=bool)
@@ -91,11 +108,7 @@ def select_samples(pool_shards: list[Path], score_shards: list[Path], out_path: 
         raise ValueError(f"select.method: unknown method {method!r}")
     rank = np.empty(n, dtype=np.int64)
     rank[order_idx] = np.arange(n)
-    table = pa.table({
-        "sample_id": ids, "question_id": pool["question_id"], "source": pool["source"],
-        "weight": selected.astype(np.float64), "selected": selected, "reason": reasons,
-        "method": [method] * n, "rank": rank,
-    }, schema=WEIGHTS_SCHEMA)
+    table = weights_table(pool, selected.astype(np.float64), selected, reasons, method, rank)
     manifest = write_shard(table, out_path, producer, inputs)
     return {**manifest, "skipped": False, "selected": int(selected.sum()), "pool": n}
 

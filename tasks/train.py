@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.inputs import describe_inputs, is_current, texts_digest
-from storage.shards import read_manifest, read_shard, write_directory_manifest, write_shard
+from storage.shards import read_manifest, read_shard, staged_directory, write_directory_manifest, write_shard
 from tasks.conversation import contexts_of
 from tasks.models import base_model_label, load_model, model_fingerprint
 from tasks.nll import batch_nll
@@ -165,15 +164,12 @@ def save_adapter(model, out_dir: Path, model_name: str, producer: str = "", extr
     """Write the adapter so that it appears only complete: staging dir, manifest, rename. `model_name`: the
     configured base model, named in adapter_config.json; `extra_json` maps file names to objects stored beside
     the weights (and covered by the manifest); `inputs`: what it was trained from (storage/inputs.py)."""
-    staging = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    for name, obj in (extra_json or {}).items():
-        (staging / name).write_text(json.dumps(obj, sort_keys=True))
-    normalize_adapter_config(staging / "adapter_config.json", model_name)
-    write_directory_manifest(staging, producer, inputs)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    staging.rename(out_dir)
+    with staged_directory(out_dir) as staging:
+        model.save_pretrained(staging)
+        for name, obj in (extra_json or {}).items():
+            (staging / name).write_text(json.dumps(obj, sort_keys=True))
+        normalize_adapter_config(staging / "adapter_config.json", model_name)
+        write_directory_manifest(staging, producer, inputs)
 
 
 def normalize_adapter_config(config_path: Path, model_name: str) -> None:

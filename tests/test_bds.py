@@ -161,6 +161,7 @@ LORA = SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0,
                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
+@pytest.mark.slow
 def test_bds_ranks_samples_consistent_with_validation_above_contradicting_ones(tmp_path, tiny_model_dir):
     pool, validation, consistent = _synthetic(tmp_path)
     out = run_bds(pool, validation, tmp_path / "bds", tmp_path / "weights.parquet", str(tiny_model_dir), None,
@@ -183,6 +184,7 @@ def test_bds_ranks_samples_consistent_with_validation_above_contradicting_ones(t
     assert (tmp_path / "bds" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_bds_rerun_skips_and_more_epochs_resume_from_the_checkpoint(tmp_path, tiny_model_dir):
     pool, validation, _ = _synthetic(tmp_path)
     one = SimpleNamespace(**{**vars(BDS), "epochs": 1})
@@ -250,6 +252,7 @@ def _spearman(a, b) -> float:
     return float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_value_function_weights_separate_conflicts_where_the_seal_form_ranks_by_difficulty(
         tmp_path, trained_tiny_model_dir, seed):
@@ -317,6 +320,7 @@ def test_validation_tokens_score_exactly_the_first_k_response_tokens(tmp_path, t
             assert losses[row].item() == pytest.approx(reference, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_keeps_the_losses_and_the_selection(tmp_path, tiny_model_dir):
     pool, validation, consistent = _synthetic(tmp_path)
     fp32 = SimpleNamespace(**{**vars(VALUE_BDS), "epochs": 2})
@@ -360,6 +364,7 @@ def test_warm_up_teaches_theta_the_validation_pairs_and_leaves_u_at_the_start(tm
     assert all(torch.equal(u_start[k], u_now[k]) for k in u_start)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_does_not_repeat_the_warm_up(tmp_path, tiny_model_dir):
     pool, validation, _ = _synthetic(tmp_path)
     one = SimpleNamespace(**{**vars(VALUE_BDS), "epochs": 1, "warmup_epochs": 2})

@@ -72,6 +72,7 @@ def test_with_wait_the_second_run_waits_for_the_first_to_end(tmp_path, capsys):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_deployment_run_takes_the_lock_too_and_curate_run_takes_it_once(prefect_harness, tmp_path):
     from flows.curate import curate
 

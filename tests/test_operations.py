@@ -141,6 +141,7 @@ def _scheduled_runs(server: Server, deployment_id: str, at: str) -> list[dict]:
     return upcoming
 
 
+@pytest.mark.slow
 def test_curate_deploy_runs_the_nightly_deployment_on_a_process_worker(server, tiny_config, tmp_path):
     # deployments/prefect.yaml as it is, pointed at the tiny config instead of the demo's
     spec = yaml.safe_load(PREFECT_YAML.read_text())
@@ -173,6 +174,7 @@ def test_curate_deploy_runs_the_nightly_deployment_on_a_process_worker(server, t
     _check_artifacts(server, run["id"])
 
 
+@pytest.mark.slow
 def test_curate_serve_runs_a_series_of_scheduled_runs_without_a_work_pool(server, tiny_model_dir, tmp_path):
     """Three ticks of a served cron deployment, the pool growing between them: three runs named for their
     scheduled times, each the next one's predecessor, unchanged shards not rescored, weights across the series."""

@@ -146,6 +146,7 @@ def changes(prefect_harness, tmp_path_factory):
     return steps
 
 
+@pytest.mark.slow
 def test_an_unchanged_rerun_recomputes_nothing(changes):
     summary, changed, _ = changes["nothing"]
     assert changed == set()
@@ -188,6 +189,7 @@ def appended(prefect_harness, tmp_path_factory, tiny_model_dir):
     return first, summary, changed, ran, run_dir, old_ids
 
 
+@pytest.mark.slow
 def test_appended_pool_rows_reach_weights_train_set_and_adapter(appended):
     first, summary, changed, ran, run_dir, old_ids = appended
     assert first["rows_in"] == 50 and summary["rows_in"] == 62  # 12 rows appended, 47 -> 59 kept

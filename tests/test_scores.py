@@ -132,6 +132,7 @@ def test_numeric_answers_are_checked_like_gsm8k():
     assert not is_correct("  ", "I'm sorry.")
 
 
+@pytest.mark.slow
 def test_bf16_scores_rank_like_fp32_on_real_rows():
     """The default model on 60 real demo rows: bf16 weights, fp32 losses, Spearman >= 0.995 against fp32."""
     from storage.shards import directory_is_complete

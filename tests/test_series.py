@@ -40,6 +40,7 @@ def series(prefect_harness, tiny_model_dir, tmp_path_factory):
     return summaries, Path(summaries[0]["catalog"])
 
 
+@pytest.mark.slow
 def test_each_tick_is_a_new_run_whose_predecessor_is_the_last(series):
     summaries, catalog = series
     assert [s["run_id"] for s in summaries] == ["nightly-20261202T0200", "nightly-20261203T0200",
