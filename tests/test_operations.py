@@ -241,6 +241,7 @@ def finished_run(prefect_harness, tiny_config) -> Path:
     return Path(summary["catalog"])
 
 
+@pytest.mark.slow
 def test_report_has_four_plots_and_a_page_that_shows_them(finished_run, capsys):
     from PIL import Image
 
@@ -270,6 +271,7 @@ def test_report_has_four_plots_and_a_page_that_shows_them(finished_run, capsys):
     assert "no metrics or weights" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_report_opens_in_headless_chromium(finished_run, tmp_path):
     from PIL import Image
 

@@ -153,11 +153,13 @@ def test_an_unchanged_rerun_recomputes_nothing(changes):
     assert summary["shards_computed"] == 0 and summary["shards_reused"] == 3
 
 
+@pytest.mark.slow
 def test_a_changed_config_value_recomputes_only_what_depends_on_it(changes):
     _, _, ran = changes["config"]
     assert ran == {"evaluate-base", "evaluate-it1"}  # evaluate.max_new_tokens: the greedy answers
 
 
+@pytest.mark.slow
 def test_a_changed_validation_file_recomputes_only_what_depends_on_it(changes):
     summary, _, ran = changes["validation"]
     # validation loss, the validation-tuned reference (pi_V of the BMO weights) and what it weighs;
@@ -167,6 +169,7 @@ def test_a_changed_validation_file_recomputes_only_what_depends_on_it(changes):
     assert summary["shards_computed"] == 0
 
 
+@pytest.mark.slow
 def test_a_model_retrained_in_place_recomputes_everything_that_uses_it_and_nothing_else(changes):
     summary, _, ran = changes["model"]
     assert ran == {"evaluate-base", "reference", "score-it1", "select-it1", "plan-it1", "generate-it1",
@@ -217,6 +220,7 @@ def test_appended_pool_rows_reach_weights_train_set_and_adapter(appended):
         con.close()
 
 
+@pytest.mark.slow
 def test_appended_rows_rescore_only_the_shards_they_changed(appended):
     _, summary, changed, ran, _, _ = appended
     # shards 0 and 1 hold the same rows; shard 2 changed and shard 3 is new; iteration 2 has a new model

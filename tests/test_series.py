@@ -50,6 +50,7 @@ def test_each_tick_is_a_new_run_whose_predecessor_is_the_last(series):
     assert [r[1] for r in rows] == ["nightly"] * 3 and [r[2] for r in rows] == [s["predecessor"] for s in summaries]
 
 
+@pytest.mark.slow
 def test_unchanged_shards_are_reused_and_changes_are_counted(series, capsys):
     summaries, catalog = series
     # 47 rows (3 shards); +12 -> 59 (shards 0, 1 unchanged); +6 -> 65 (shards 0, 1, 2 unchanged)
@@ -62,6 +63,7 @@ def test_unchanged_shards_are_reused_and_changes_are_counted(series, capsys):
     assert "nightly, predecessor nightly-20261203T0200: pool rows 6 new, 0 gone, 59 unchanged" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_a_sample_weight_is_followed_across_the_series(series):
     _, catalog = series
     _, rows = query_read_only(catalog, """
