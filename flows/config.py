@@ -21,6 +21,7 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 from pydantic_core import PydanticCustomError
 
 from flows.config_errors import error_lines
+from tasks.models import ModelSpec
 from tasks.row_formats import DEFAULT_ROLES, RowFormat
 from tasks.score import POOL_SCORES, SCORES
 from tasks.select import SELECTORS
@@ -60,6 +61,10 @@ class ModelConfig(Section):
     # a Jinja file (relative to the config) rendering every pair instead of the tokenizer's own template; the
     # end-of-turn token is the one the template closes assistant turns with (docs/formats.md)
     chat_template: str = ""
+
+    def spec(self, adapter: str | None = None) -> ModelSpec:
+        """The model the stages run: this base with `adapter` (an iteration's LoRA) on top."""
+        return ModelSpec(self.name, self.dtype, adapter, self.max_seq_len, self.trust_remote_code)
 
     def check(self) -> Iterator[str]:
         yield from _require(self.max_seq_len >= 16, "max_seq_len", "must be >= 16", self.max_seq_len)

@@ -29,7 +29,7 @@ from storage.layout import RunPaths
 from storage.runlock import run_lock
 from storage.shards import list_shards, read_manifest
 from tasks.chat_template import model_with_template
-from tasks.models import ModelSpec, model_fingerprint
+from tasks.models import model_fingerprint
 from tasks.select import SELECTORS
 
 SPLITS = ("pool", "validation", "test")
@@ -109,7 +109,7 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_
                  stats["rows_quarantined"], stats["by_reason"] or "")
 
     m = cfg.model
-    base = ModelSpec(m.name, m.dtype, None, m.max_seq_len, m.trust_remote_code)
+    base = m.spec()
     before = evaluate_task.with_options(task_run_name=f"evaluate-{cfg.run_id}-base")(
         paths.evaluation(0), list_shards(paths.split_dir("validation")), test=list_shards(paths.split_dir("test")),
         model=base, batch_tokens=cfg.score.batch_tokens, harmful_prompts=harmful_prompts(cfg), cfg=cfg.evaluate,

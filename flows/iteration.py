@@ -67,8 +67,7 @@ class Round:
     @property
     def model(self) -> ModelSpec:
         """This iteration's model: the base with the last iteration's adapter."""
-        m = self.cfg.model
-        return ModelSpec(m.name, m.dtype, self.previous, m.max_seq_len, m.trust_remote_code)
+        return self.cfg.model.spec(self.previous)
 
     def task_name(self, stage: str, *shard: str) -> str:
         return "-".join([stage, self.cfg.run_id, f"it{self.iteration}", *shard])
