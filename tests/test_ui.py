@@ -56,6 +56,8 @@ def test_the_parameters_form_has_the_config_sections_with_types():
     assert _types(train["epochs"]) == {"integer"} and _types(train["learning_rate"]) == {"number"}
     assert all(field["default"] is None for field in train.values())  # empty: as in the config file
     assert schema["definitions"]["SelectSection"]["additionalProperties"] is False
+    assert select["budget"]["description"] == CurateConfig.model_fields["select"].annotation.model_fields[
+        "budget"].description  # the config's own words label the form
 
 
 def test_every_form_field_is_a_config_field_of_the_same_type():
