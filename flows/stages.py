@@ -2,8 +2,8 @@
 
 Retries are for transient failures only (a dropped connection, a timeout, a busy catalog, a flaky disk);
 a bad config, a malformed file or a shape error fails at once with its own message. Every parameter after the
-second is keyword-only, and the model a stage runs is one ModelSpec (base, dtype, adapter, max_seq_len,
-trust_remote_code), so two swapped arguments fail loudly instead of silently.
+second is keyword-only, here and in the tasks/ functions these call, and the model a stage runs is one ModelSpec
+(base, dtype, adapter, max_seq_len, trust_remote_code), so two swapped arguments fail loudly instead of silently.
 """
 from __future__ import annotations
 
@@ -68,11 +68,11 @@ def ingest_task(sources, out_dir, *, split, max_chars, shard_rows) -> dict:
 def score_task(pool_shard, out_path, *, model: ModelSpec, iteration, cfg, reference_adapter=None,
                exemplars_path=None, cache_dir=None, vllm_url: str = "", train_on: str = "last") -> dict:
     metrics = [m for m in cfg.metrics if m in score.SCORES]  # the pool-level ones: pool_score_task
-    return report(score.score_shard(pool_shard, out_path, model.name, model.dtype, model.adapter, model.max_seq_len,
-                                    cfg.batch_tokens, iteration, metrics, reference_adapter, exemplars_path,
-                                    cfg.sppl_k, cache_dir if cfg.cache else None, producer(),
-                                    trust_remote_code=model.trust_remote_code, vllm_url=vllm_url,
-                                    train_on=train_on))
+    return report(score.score_shard(pool_shard, out_path, model=model, batch_tokens=cfg.batch_tokens,
+                                    iteration=iteration, metrics=metrics, reference_adapter=reference_adapter,
+                                    exemplars_path=exemplars_path, sppl_k=cfg.sppl_k,
+                                    cache_dir=cache_dir if cfg.cache else None, producer=producer(),
+                                    vllm_url=vllm_url, train_on=train_on))
 
 
 @task(name="pool-score", **RETRIES)
@@ -84,24 +84,22 @@ def pool_score_task(metric, pool_shards, *, out_path, model: ModelSpec, iteratio
 
 @task(name="sppl-exemplars", **RETRIES)
 def exemplars_task(validation_shards, out_path, *, model: ModelSpec, cfg, batch_size) -> dict:
-    return report(sppl.make_exemplars(validation_shards, out_path, model.name, model.dtype, model.adapter,
-                                      cfg.sppl_exemplars, cfg.sppl_max_new_tokens, batch_size, producer(),
-                                      trust_remote_code=model.trust_remote_code))
+    return report(sppl.make_exemplars(validation_shards, out_path, model=model, count=cfg.sppl_exemplars,
+                                      max_new_tokens=cfg.sppl_max_new_tokens, batch_size=batch_size,
+                                      producer=producer()))
 
 
-def _train_lora(train_set, out_dir, model: ModelSpec, cfg, epochs, seed) -> dict:
+def _train_lora(train_set, out_dir, *, model: ModelSpec, cfg, epochs, seed) -> dict:
     """LoRA on `train_set`, continuing model.adapter if it has one."""
-    return train.train_lora(train_set, out_dir, model.name, model.adapter, epochs, cfg.learning_rate,
-                            cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                            cfg.max_grad_norm, model.max_seq_len, seed, producer(),
-                            trust_remote_code=model.trust_remote_code, train_on=cfg.train_on)
+    return train.train_lora(train_set, out_dir, model=model, epochs=epochs, **train.lora_settings(cfg), seed=seed,
+                            producer=producer(), train_on=cfg.train_on)
 
 
 @task(name="reference", **RETRIES)
 def reference_task(source_shards, train_set, *, out_dir, model: ModelSpec, cfg, epochs, seed) -> dict:
     """The DavIR reference: the base model LoRA-tuned on the validation set (or the pool)."""
     train.build_uniform_set(source_shards, train_set, producer())
-    return report(_train_lora(train_set, out_dir, model.with_adapter(None), cfg, epochs, seed))
+    return report(_train_lora(train_set, out_dir, model=model.with_adapter(None), cfg=cfg, epochs=epochs, seed=seed))
 
 
 @task(name="select", **RETRIES)
@@ -123,18 +121,17 @@ def generate_task(refine_shard, out_path, *, model: ModelSpec, params, batch_tok
                   vllm_url: str = "") -> dict:
     if strategy.model:  # another generator: its own weights, no adapter of ours
         model = dataclasses.replace(model, name=strategy.model, adapter=None)
-    return report(generate.generate_shard(refine_shard, out_path, model.name, model.dtype, model.adapter, params,
-                                          model.max_seq_len, batch_tokens, seed, iteration, producer(),
-                                          strategy.template, trust_remote_code=model.trust_remote_code,
-                                          vllm_url=vllm_url))
+    return report(generate.generate_shard(refine_shard, out_path, model=model, params=params,
+                                          batch_tokens=batch_tokens, seed=seed, iteration=iteration,
+                                          producer=producer(), template=strategy.template, vllm_url=vllm_url))
 
 
 @task(name="choose-strategy", **RETRIES)
 def strategy_task(strategies, questions, *, out_path, model: ModelSpec, exemplars_path, cfg, max_new_tokens, seed):
     candidates = [strategy.Strategy(s.name, s.template, s.temperature, s.top_p, s.model) for s in strategies]
-    chosen = strategy.choose_strategy(candidates, questions, out_path, model.name, model.dtype, model.adapter,
-                                      exemplars_path, cfg.sppl_k, model.max_seq_len, max_new_tokens,
-                                      cfg.batch_tokens, seed, producer(), trust_remote_code=model.trust_remote_code)
+    chosen = strategy.choose_strategy(candidates, questions, out_path=out_path, model=model,
+                                      exemplars_path=exemplars_path, k=cfg.sppl_k, max_new_tokens=max_new_tokens,
+                                      batch_tokens=cfg.batch_tokens, seed=seed, producer=producer())
     get_run_logger().info("generation strategy: %s", chosen.name)
     return chosen
 
@@ -143,10 +140,10 @@ def strategy_task(strategies, questions, *, out_path, model: ModelSpec, exemplar
 def reweight_task(generation_shard, out_path, *, cfg, generator: ModelSpec, aligned_adapter, batch_tokens,
                   strategy, vllm_url: str = "") -> dict:
     """BMO weights pi_V / pi_gen; `generator` is the model that wrote the responses (the base and its adapter)."""
-    return report(reweight.reweight_shard(generation_shard, out_path, cfg.method, generator.name, generator.dtype,
-                                          generator.adapter, aligned_adapter, generator.max_seq_len, batch_tokens,
-                                          cfg.c_max, strategy.template, strategy.model, producer(),
-                                          trust_remote_code=generator.trust_remote_code, vllm_url=vllm_url))
+    return report(reweight.reweight_shard(generation_shard, out_path, method=cfg.method, generator=generator,
+                                          aligned_adapter=aligned_adapter, batch_tokens=batch_tokens,
+                                          c_max=cfg.c_max, template=strategy.template,
+                                          generator_model=strategy.model, producer=producer(), vllm_url=vllm_url))
 
 
 @task(name="train-set", **RETRIES)
@@ -159,13 +156,13 @@ def train_set_task(pool_shards, weights_path, *, refined, generation_shards, wei
 @task(name="train", **RETRIES)
 def train_task(train_set, out_dir, *, model: ModelSpec, cfg, seed) -> dict:
     """cfg.epochs of LoRA on the train set, continuing model.adapter (the last iteration's) if it has one."""
-    return report(_train_lora(train_set, out_dir, model, cfg, cfg.epochs, seed))
+    return report(_train_lora(train_set, out_dir, model=model, cfg=cfg, epochs=cfg.epochs, seed=seed))
 
 
 @task(name="evaluate", **RETRIES)
 def evaluate_task(out_path, validation, *, test, model: ModelSpec, batch_tokens, harmful_prompts, cfg,
                   vllm_url: str = "", train_on: str = "last") -> dict:
-    return evaluate.evaluate_to_file(out_path, validation, test, model.name, model.dtype, model.adapter,
-                                     model.max_seq_len, batch_tokens, harmful_prompts, cfg.max_new_tokens,
-                                     cfg.batch_size, producer(), trust_remote_code=model.trust_remote_code,
-                                     vllm_url=vllm_url, train_on=train_on)
+    return evaluate.evaluate_to_file(out_path, validation, test=test, model=model, batch_tokens=batch_tokens,
+                                     harmful_prompts=harmful_prompts, max_new_tokens=cfg.max_new_tokens,
+                                     batch_size=cfg.batch_size, producer=producer(), vllm_url=vllm_url,
+                                     train_on=train_on)

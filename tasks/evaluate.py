@@ -17,28 +17,29 @@ import pyarrow as pa
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_shard, write_shard
 from tasks.conversation import contexts_of
-from tasks.models import load_model, load_tokenizer, model_fingerprint
+from tasks.models import ModelSpec, load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
 from tasks.tokens import encode_pairs
 
 
-def split_loss(shards: list[Path], model_name: str, dtype: str, adapter: str | None, max_seq_len: int,
-               batch_tokens: int, *, trust_remote_code: bool = False, vllm_url: str = "",
+def split_loss(shards: list[Path], model: ModelSpec, *, batch_tokens: int, vllm_url: str = "",
                train_on: str = "last") -> float:
-    """Mean of per-sample response losses over a split (NaN rows, which did not fit, are left out)."""
+    """Mean of per-sample response losses under `model` over a split (NaN rows, which did not fit, are left out)."""
     if not shards:
         return float("nan")
     # `meta` holds a conversation's earlier turns; a shard made by hand may have none (null there)
     table = pa.concat_tables([read_shard(p) for p in shards], promote_options="default")
-    pairs = (table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len, contexts_of(table), train_on)
+    pairs = (table["prompt"].to_pylist(), table["response"].to_pylist(), model.max_seq_len, contexts_of(table),
+             train_on)
     if vllm_url:
         from tasks import vllm_client
 
-        encoded = encode_pairs(load_tokenizer(model_name, trust_remote_code), *pairs)
-        losses, _ = vllm_client.response_nll(vllm_client.VllmClient(vllm_url), encoded, adapter)
+        encoded = encode_pairs(load_tokenizer(model.name, model.trust_remote_code), *pairs)
+        losses, _ = vllm_client.response_nll(vllm_client.VllmClient(vllm_url), encoded, model.adapter)
     else:
-        model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
-        losses, _ = response_nll(model, encode_pairs(tokenizer, *pairs), tokenizer.pad_token_id, batch_tokens)
+        scorer, tokenizer = load_model(model.name, model.dtype, model.adapter,
+                                       trust_remote_code=model.trust_remote_code)
+        losses, _ = response_nll(scorer, encode_pairs(tokenizer, *pairs), tokenizer.pad_token_id, batch_tokens)
     return float(np.nanmean(losses)) if np.isfinite(losses).any() else float("nan")
 
 
@@ -56,8 +57,8 @@ def is_refusal(text: str) -> bool:
     return any(phrase in folded for phrase in REFUSAL_PHRASES)
 
 
-def refusal_answers(prompts: list[str], model_name: str, dtype: str, adapter: str | None, max_new_tokens: int,
-                    batch_size: int, *, trust_remote_code: bool = False, vllm_url: str = "") -> list[str]:
+def refusal_answers(prompts: list[str], model: ModelSpec, *, max_new_tokens: int, batch_size: int,
+                    vllm_url: str = "") -> list[str]:
     """The model's greedy answer to each prompt (refusal and exact-match evaluations)."""
     from tasks.generate import SamplingParams, sample_responses, sample_responses_vllm
 
@@ -65,11 +66,11 @@ def refusal_answers(prompts: list[str], model_name: str, dtype: str, adapter: st
     if vllm_url:
         from tasks.vllm_client import VllmClient
 
-        tokenizer = load_tokenizer(model_name, trust_remote_code)
-        answers, _ = sample_responses_vllm(VllmClient(vllm_url), tokenizer, prompts, params, 0, adapter=adapter)
+        tokenizer = load_tokenizer(model.name, model.trust_remote_code)
+        answers, _ = sample_responses_vllm(VllmClient(vllm_url), tokenizer, prompts, params, 0, adapter=model.adapter)
         return [group[0] for group in answers]
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
-    return [group[0] for group in sample_responses(model, tokenizer, prompts, params, seed=0)]
+    answerer, tokenizer = load_model(model.name, model.dtype, model.adapter, trust_remote_code=model.trust_remote_code)
+    return [group[0] for group in sample_responses(answerer, tokenizer, prompts, params, seed=0)]
 
 
 def auroc(scores, labels) -> float:
@@ -91,14 +92,12 @@ def auroc(scores, labels) -> float:
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def evaluate_model(validation: list[Path], test: list[Path], model_name: str, dtype: str, adapter: str | None,
-                   max_seq_len: int, batch_tokens: int, *, trust_remote_code: bool = False,
+def evaluate_model(validation: list[Path], test: list[Path], *, model: ModelSpec, batch_tokens: int,
                    vllm_url: str = "", train_on: str = "last") -> dict[str, float]:
     return {
-        "validation_loss": split_loss(validation, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                                      trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on),
-        "test_loss": split_loss(test, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                                trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on),
+        "validation_loss": split_loss(validation, model, batch_tokens=batch_tokens, vllm_url=vllm_url,
+                                      train_on=train_on),
+        "test_loss": split_loss(test, model, batch_tokens=batch_tokens, vllm_url=vllm_url, train_on=train_on),
     }
 
 
@@ -111,17 +110,16 @@ def exact_match_rows(test: list[Path]) -> tuple[list[str], list[str]]:
     return [q for q, _ in rows], [r for _, r in rows]
 
 
-def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], model_name: str, dtype: str,
-                     adapter: str | None, max_seq_len: int, batch_tokens: int, harmful_prompts: list[str] = (),
-                     max_new_tokens: int = 48, batch_size: int = 16, producer: str = "", *,
-                     trust_remote_code: bool = False, vllm_url: str = "",
+def evaluate_to_file(out_path: Path, validation: list[Path], *, test: list[Path], model: ModelSpec,
+                     batch_tokens: int, harmful_prompts: list[str] = (), max_new_tokens: int = 48,
+                     batch_size: int = 16, producer: str = "", vllm_url: str = "",
                      train_on: str = "last") -> dict[str, float]:
-    """Losses, refusal rate on `harmful_prompts` and exact match on the test rows with a `#### n` answer,
+    """`model`'s losses, refusal rate on `harmful_prompts` and exact match on the test rows with a `#### n` answer,
     stored as a one-row-per-metric shard (a rerun reads it); the generated answers go beside it
     (<name>-answers.parquet: task, prompt, answer, refused / correct). `train_on` "all": multi-turn rows'
     losses also cover their earlier assistant turns."""
-    inputs = describe_inputs([*validation, *test], [model_fingerprint(model_name, adapter)], dtype=dtype,
-                             max_seq_len=max_seq_len, batch_tokens=batch_tokens,
+    inputs = describe_inputs([*validation, *test], [model_fingerprint(model.name, model.adapter)], dtype=model.dtype,
+                             max_seq_len=model.max_seq_len, batch_tokens=batch_tokens,
                              harmful_prompts=texts_digest(harmful_prompts), max_new_tokens=max_new_tokens,
                              batch_size=batch_size, **({"backend": "vllm"} if vllm_url else {}),
                              **({"train_on": train_on} if train_on != "last" else {}))  # last: records as before
@@ -130,12 +128,12 @@ def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], m
         return dict(zip(table["metric"].to_pylist(), table["value"].to_pylist()))
     from tasks.sppl import is_correct
 
-    metrics = evaluate_model(validation, test, model_name, dtype, adapter, max_seq_len, batch_tokens,
-                             trust_remote_code=trust_remote_code, vllm_url=vllm_url, train_on=train_on)
+    metrics = evaluate_model(validation, test, model=model, batch_tokens=batch_tokens, vllm_url=vllm_url,
+                             train_on=train_on)
     answers = {"task": [], "prompt": [], "answer": [], "ok": []}
     if harmful_prompts:
-        replies = refusal_answers(list(harmful_prompts), model_name, dtype, adapter, max_new_tokens, batch_size,
-                                  trust_remote_code=trust_remote_code, vllm_url=vllm_url)
+        replies = refusal_answers(list(harmful_prompts), model, max_new_tokens=max_new_tokens,
+                                  batch_size=batch_size, vllm_url=vllm_url)
         refused = [is_refusal(a) for a in replies]
         metrics["refusal_rate"] = float(np.mean(refused))
         answers["task"] += ["refusal"] * len(replies)
@@ -144,8 +142,8 @@ def evaluate_to_file(out_path: Path, validation: list[Path], test: list[Path], m
         answers["ok"] += refused
     questions, references = exact_match_rows(test)
     if questions:
-        replies = refusal_answers(questions, model_name, dtype, adapter, max_new_tokens, batch_size,
-                                  trust_remote_code=trust_remote_code, vllm_url=vllm_url)
+        replies = refusal_answers(questions, model, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                  vllm_url=vllm_url)
         correct = [is_correct(a, r) for a, r in zip(replies, references)]
         metrics["exact_match"] = float(np.mean(correct))
         answers["task"] += ["exact_match"] * len(replies)

@@ -18,7 +18,7 @@ import pyarrow as pa
 from storage.inputs import describe_inputs, is_current
 from storage.shards import manifest_path, read_manifest, read_shard, shard_name, write_shard
 from tasks.ingest import make_id
-from tasks.models import load_model, load_tokenizer, model_fingerprint, render_prompt, stop_token_ids
+from tasks.models import ModelSpec, load_model, load_tokenizer, model_fingerprint, render_prompt, stop_token_ids
 from tasks.nll import response_nll, run_halving_on_oom
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.tokens import encode_pairs
@@ -145,28 +145,26 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
     return [out[i] for i in range(len(prompts))]
 
 
-def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
-                   params: SamplingParams, max_seq_len: int, batch_tokens: int, seed: int, iteration: int,
-                   producer: str = "", template: str = "{question}", *, trust_remote_code: bool = False,
+def generate_shard(refine_shard: Path, out_path: Path, *, model: ModelSpec, params: SamplingParams,
+                   batch_tokens: int, seed: int, iteration: int, producer: str = "", template: str = "{question}",
                    vllm_url: str = "") -> dict:
-    """G responses for each question of a refine shard. logp_gen is the generator's log-probability of the
-    response's training tokens given the prompt it actually saw (the strategy's template applied).
-    `vllm_url`: generate through that vLLM server (backend: vllm) instead of transformers."""
-    fingerprint = model_fingerprint(model_name, adapter)
-    inputs = describe_inputs([refine_shard], [fingerprint], dtype=dtype, params=params, max_seq_len=max_seq_len,
-                             batch_tokens=batch_tokens, seed=seed, iteration=iteration, template=template,
+    """G responses from `model` for each question of a refine shard. logp_gen is the generator's
+    log-probability of the response's training tokens given the prompt it actually saw (the strategy's
+    template applied). `vllm_url`: generate through that vLLM server (backend: vllm) instead of transformers."""
+    fingerprint = model_fingerprint(model.name, model.adapter)
+    inputs = describe_inputs([refine_shard], [fingerprint], dtype=model.dtype, params=params,
+                             max_seq_len=model.max_seq_len, batch_tokens=batch_tokens, seed=seed,
+                             iteration=iteration, template=template,
                              **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     table = read_shard(refine_shard)
     questions = table["prompt"].to_pylist()
     if vllm_url:
-        responses, logp_gen, counts = _generate_vllm(vllm_url, model_name, adapter, questions, params, max_seq_len,
-                                                     seed, template, trust_remote_code)
+        responses, logp_gen, counts = _generate_vllm(vllm_url, model, questions, params, seed, template)
     else:
-        responses, logp_gen, counts = _generate_hf(model_name, dtype, adapter, questions, params, max_seq_len,
-                                                   batch_tokens, seed, template, Path(refine_shard).stem,
-                                                   trust_remote_code)
+        responses, logp_gen, counts = _generate_hf(model, questions, params, batch_tokens, seed, template,
+                                                   Path(refine_shard).stem)
     flat_q = [i for i, group in enumerate(responses) for _ in group]
     flat_r = [r for group in responses for r in group]
     qids, sources = table["question_id"].to_pylist(), table["source"].to_pylist()
@@ -182,28 +180,29 @@ def generate_shard(refine_shard: Path, out_path: Path, model_name: str, dtype: s
     return {**write_shard(out, out_path, producer, inputs), "skipped": False}
 
 
-def _generate_hf(model_name, dtype, adapter, questions, params, max_seq_len, batch_tokens, seed, template, label,
-                 trust_remote_code):
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
+def _generate_hf(model: ModelSpec, questions, params, batch_tokens, seed, template, label):
+    generator, tokenizer = load_model(model.name, model.dtype, model.adapter,
+                                      trust_remote_code=model.trust_remote_code)
     responses: list[list[str]] = []
     with tqdm(total=len(questions), desc=f"generate {label}", unit="question", leave=False) as bar:
         for start in range(0, len(questions), params.batch_size):
             chunk = questions[start: start + params.batch_size]
-            responses += sample_responses(model, tokenizer, chunk, params, seed + start, template)
+            responses += sample_responses(generator, tokenizer, chunk, params, seed + start, template)
             bar.update(len(chunk))
-    encoded = _training_pairs(tokenizer, questions, responses, template, max_seq_len)
-    losses, counts = response_nll(model, encoded, tokenizer.pad_token_id, batch_tokens)
+    encoded = _training_pairs(tokenizer, questions, responses, template, model.max_seq_len)
+    losses, counts = response_nll(generator, encoded, tokenizer.pad_token_id, batch_tokens)
     return responses, -(losses.astype(np.float64) * counts), counts
 
 
-def _generate_vllm(url, model_name, adapter, questions, params, max_seq_len, seed, template, trust_remote_code):
+def _generate_vllm(url, model: ModelSpec, questions, params, seed, template):
     from tasks.vllm_client import VllmClient, generation_logp
 
-    tokenizer = load_tokenizer(model_name, trust_remote_code)
+    tokenizer = load_tokenizer(model.name, model.trust_remote_code)
     client = VllmClient(url)
-    responses, completions = sample_responses_vllm(client, tokenizer, questions, params, seed, template, adapter)
-    encoded = _training_pairs(tokenizer, questions, responses, template, max_seq_len)
-    logp_gen, counts = generation_logp(client, encoded, [c for group in completions for c in group], adapter)
+    responses, completions = sample_responses_vllm(client, tokenizer, questions, params, seed, template,
+                                                   model.adapter)
+    encoded = _training_pairs(tokenizer, questions, responses, template, model.max_seq_len)
+    logp_gen, counts = generation_logp(client, encoded, [c for group in completions for c in group], model.adapter)
     return responses, logp_gen, counts
 
 

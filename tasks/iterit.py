@@ -24,10 +24,10 @@ from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import read_manifest, read_shard, write_shard
 from tasks.conversation import contexts_of
 from tasks.diversity import tfidf_rows
-from tasks.models import model_fingerprint
+from tasks.models import ModelSpec, model_fingerprint
 from tasks.score import compute_scores, metric_values
 from tasks.select import budget_count, selected_counts, weights_table
-from tasks.train import train_lora
+from tasks.train import lora_settings, train_lora
 
 
 def greedy_picks(complexity: list[float], rows: list[dict[str, float]], k: int, decay: float) -> list[int]:
@@ -96,6 +96,8 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
     offline = metric_values(score_shards, "iterit")
     complexity = np.array([offline.get(s, math.nan) for s in pool["sample_id"].to_pylist()], dtype=np.float64)
     order, live = list(range(n)), previous_adapter
+    # the live model of a round: this base with the adapter trained on the previous round's picks
+    base = ModelSpec(model_name, dtype, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code)
     for round_ in range(1, iterit.epochs + 1):
         path = out_dir / f"round-{round_:03d}.parquet"
         if round_ > 1:  # the live model has trained on the previous picks: re-score the window
@@ -105,10 +107,8 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
             write_shard(pa.table({"prompt": [prompts[i] for i in picks], "response": [responses[i] for i in picks],
                                   "context": [contexts[i] for i in picks], "weight": [1.0] * len(picks)}),
                         train_set, producer)
-            train_lora(train_set, live_dir, model_name, live, 1, train.learning_rate, train.batch_size,
-                       train.lora_r, train.lora_alpha, train.lora_dropout, train.target_modules,
-                       train.max_grad_norm, max_seq_len, seed + round_, producer,
-                       trust_remote_code=trust_remote_code, train_on=train_on)
+            train_lora(train_set, live_dir, model=base.with_adapter(live), epochs=1, **lora_settings(train),
+                       seed=seed + round_, producer=producer, train_on=train_on)
             live = str(live_dir)
         if is_current(path, round_inputs):  # resumed: this round's ranking and scores are on disk
             done = read_shard(path, columns=["rank", "complexity", "selected"])
@@ -119,9 +119,9 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
         window = n if round_ == 1 else min(n, iterit.window * k)
         if round_ > 1:
             rescore = order[:window]
-            fresh = compute_scores(model_name, dtype, live, [prompts[i] for i in rescore],
-                                   [responses[i] for i in rescore], ["iterit"], max_seq_len, batch_tokens,
-                                   trust_remote_code=trust_remote_code, contexts=[contexts[i] for i in rescore],
+            fresh = compute_scores(base.with_adapter(live), [prompts[i] for i in rescore],
+                                   responses=[responses[i] for i in rescore], metrics=["iterit"],
+                                   batch_tokens=batch_tokens, contexts=[contexts[i] for i in rescore],
                                    train_on=train_on)["iterit"]
             complexity[rescore] = fresh
         picked, order, reasons = select_round(complexity, order, window, responses, k, iterit.decay, end_of_turn)

@@ -23,7 +23,7 @@ import pyarrow as pa
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, write_shard
 from tasks.generate import apply_template
-from tasks.models import load_model, load_tokenizer, model_fingerprint
+from tasks.models import ModelSpec, load_model, load_tokenizer, model_fingerprint
 from tasks.tokens import Encoded, collate, encode_pairs, length_batches
 
 GENERATION_WEIGHTS_SCHEMA = pa.schema([
@@ -78,24 +78,28 @@ def normalize_per_question(question_ids: list[str], raw: list[float]) -> list[fl
     return [r * size[q] / total[q] if total[q] > 0 else 0.0 for q, r in zip(question_ids, raw)]
 
 
-def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_name: str = "", dtype: str = "fp32",
-                   generator_adapter: str | None = None, aligned_adapter: str | None = None, max_seq_len: int = 512,
-                   batch_tokens: int = 4096, c_max: float = 10.0, template: str = "{question}",
-                   generator_model: str = "", producer: str = "", *, trust_remote_code: bool = False,
+UNIFORM_ONLY = ModelSpec("")  # `uniform` weights read no model
+
+
+def reweight_shard(generation_shard: Path, out_path: Path, *, method: str, generator: ModelSpec = UNIFORM_ONLY,
+                   aligned_adapter: str | None = None, batch_tokens: int = 4096, c_max: float = 10.0,
+                   template: str = "{question}", generator_model: str = "", producer: str = "",
                    vllm_url: str = "") -> dict:
-    """`generator_model`/`generator_adapter`/`template`: what generated the shard (the strategy's prompt and
-    generator); pi_V is `model_name` + `aligned_adapter` on the plain question, the prompt training uses.
+    """`generator`: the base model and the adapter that generated the shard; `generator_model`/`template`:
+    the strategy's own generator (instead of that base) and prompt. pi_V is the same base + `aligned_adapter`
+    on the plain question, the prompt training uses.
     `vllm_url`: both models' log-probs come from that vLLM server (one base model, two adapters)."""
-    models = [] if method == "uniform" else [model_fingerprint(generator_model or model_name, generator_adapter),
-                                             model_fingerprint(model_name, aligned_adapter)]
-    inputs = describe_inputs([generation_shard], models, method=method, dtype=dtype, max_seq_len=max_seq_len,
-                             batch_tokens=batch_tokens, c_max=c_max, template=template,
+    base, max_seq_len = generator.name, generator.max_seq_len
+    models = [] if method == "uniform" else [model_fingerprint(generator_model or base, generator.adapter),
+                                             model_fingerprint(base, aligned_adapter)]
+    inputs = describe_inputs([generation_shard], models, method=method, dtype=generator.dtype,
+                             max_seq_len=max_seq_len, batch_tokens=batch_tokens, c_max=c_max, template=template,
                              **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     if method not in ("uniform", "sequence", "token"):
         raise ValueError(f"reweight.method: unknown method {method!r}")
-    if method == "token" and generator_model and generator_model != model_name:
+    if method == "token" and generator_model and generator_model != base:
         raise ValueError("reweight.method: 'token' compares token by token and needs the generator to be the model "
                          f"itself; strategy generator {generator_model!r} differs: use 'sequence'")
     table = read_shard(generation_shard)
@@ -108,16 +112,16 @@ def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_na
     else:
         questions = table["prompt"].to_pylist()
         if vllm_url:
-            gen_tokens, val_tokens = _vllm_token_logprobs(vllm_url, model_name, generator_model, generator_adapter,
-                                                          aligned_adapter, questions, responses, template,
-                                                          max_seq_len, trust_remote_code)
+            gen_tokens, val_tokens = _vllm_token_logprobs(vllm_url, generator, generator_model, aligned_adapter,
+                                                          questions, responses, template)
         else:
-            generator, gen_tokenizer = load_model(generator_model or model_name, dtype, generator_adapter,
-                                                  trust_remote_code=trust_remote_code)
+            gen_model, gen_tokenizer = load_model(generator_model or base, generator.dtype, generator.adapter,
+                                                  trust_remote_code=generator.trust_remote_code)
             seen = encode_pairs(gen_tokenizer, [apply_template(template, q) for q in questions], responses,
                                 max_seq_len)
-            gen_tokens = token_logprobs(generator, seen, gen_tokenizer.pad_token_id, batch_tokens)
-            aligned, tokenizer = load_model(model_name, dtype, aligned_adapter, trust_remote_code=trust_remote_code)
+            gen_tokens = token_logprobs(gen_model, seen, gen_tokenizer.pad_token_id, batch_tokens)
+            aligned, tokenizer = load_model(base, generator.dtype, aligned_adapter,
+                                            trust_remote_code=generator.trust_remote_code)
             trained = encode_pairs(tokenizer, questions, responses, max_seq_len)
             val_tokens = token_logprobs(aligned, trained, tokenizer.pad_token_id, batch_tokens)
         ratios = np.where(empty, 0.0, importance_ratios(val_tokens, gen_tokens, method, c_max))
@@ -132,17 +136,16 @@ def reweight_shard(generation_shard: Path, out_path: Path, method: str, model_na
     return {**write_shard(out, out_path, producer, inputs), "skipped": False}
 
 
-def _vllm_token_logprobs(url, model_name, generator_model, generator_adapter, aligned_adapter, questions, responses,
-                         template, max_seq_len, trust_remote_code):
+def _vllm_token_logprobs(url, generator: ModelSpec, generator_model, aligned_adapter, questions, responses, template):
     """(pi_gen, pi_V) per-token log-probs from one vLLM server: the same pairs as the transformers branch."""
     from tasks import vllm_client
 
-    if generator_model and generator_model != model_name:
+    if generator_model and generator_model != generator.name:
         raise ValueError(f"backend vllm serves one base model; the strategy generator {generator_model!r} is another "
                          "(use backend: hf for strategies with their own model)")
     client = vllm_client.VllmClient(url)
-    tokenizer = load_tokenizer(model_name, trust_remote_code)
-    seen = encode_pairs(tokenizer, [apply_template(template, q) for q in questions], responses, max_seq_len)
-    trained = encode_pairs(tokenizer, questions, responses, max_seq_len)
-    return (vllm_client.token_logprobs(client, seen, generator_adapter),
+    tokenizer = load_tokenizer(generator.name, generator.trust_remote_code)
+    seen = encode_pairs(tokenizer, [apply_template(template, q) for q in questions], responses, generator.max_seq_len)
+    trained = encode_pairs(tokenizer, questions, responses, generator.max_seq_len)
+    return (vllm_client.token_logprobs(client, seen, generator.adapter),
             vllm_client.token_logprobs(client, trained, aligned_adapter))

@@ -32,7 +32,7 @@ from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, shard_is_complete, write_shard
 from tasks.conversation import contexts_of
 from tasks.diversity import diversity_scores
-from tasks.models import load_model, load_tokenizer, model_fingerprint
+from tasks.models import ModelSpec, load_model, load_tokenizer, model_fingerprint
 from tasks.nll import response_nll
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.sppl import sppl_contexts
@@ -121,20 +121,21 @@ SCORES = {"loss": loss_and_perplexity, "ifd": ifd, "iterit": iterit_complexity, 
 POOL_SCORES = {"diversity": diversity_scores}
 
 
-def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: list[str], responses: list[str],
-                   metrics: list[str], max_seq_len: int, batch_tokens: int, reference_adapter: str | None = None,
-                   exemplars: list[str] | None = None, sppl_k: int = 3, progress=None, *,
-                   trust_remote_code: bool = False, vllm_url: str = "", contexts: list[str] | None = None,
+def compute_scores(model: ModelSpec, questions: list[str], *, responses: list[str], metrics: list[str],
+                   batch_tokens: int, reference_adapter: str | None = None, exemplars: list[str] | None = None,
+                   sppl_k: int = 3, progress=None, vllm_url: str = "", contexts: list[str] | None = None,
                    train_on: str = "last") -> dict[str, np.ndarray]:
-    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics (SCORES).
+    """{metric: per-sample values} plus `n_tokens` and `truncated`, for the requested metrics (SCORES), under
+    `model` (its adapter is the current one; `reference_adapter` is DavIR's, on the same base).
     `vllm_url`: the log-probs come from that vLLM server (backend: vllm) instead of transformers.
     `contexts`: each row's earlier messages as JSON ("" for none), rendered before the question in every
     context; `train_on` "all": every loss also covers the assistant turns among them."""
+    adapter, max_seq_len = model.adapter, model.max_seq_len
     if vllm_url:
         from tasks import vllm_client
 
         client = vllm_client.VllmClient(vllm_url)
-        tokenizer = load_tokenizer(model_name, trust_remote_code)
+        tokenizer = load_tokenizer(model.name, model.trust_remote_code)
 
         def nll(encoded, model_adapter=adapter, bar=None):
             losses, counts = vllm_client.response_nll(client, encoded, model_adapter)
@@ -142,11 +143,11 @@ def compute_scores(model_name: str, dtype: str, adapter: str | None, questions: 
                 bar.update(len(encoded))
             return losses, counts
     else:
-        model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
+        current, tokenizer = load_model(model.name, model.dtype, adapter, trust_remote_code=model.trust_remote_code)
 
         def nll(encoded, model_adapter=adapter, bar=None):
-            scorer = model if model_adapter == adapter else load_model(
-                model_name, dtype, model_adapter, trust_remote_code=trust_remote_code)[0]
+            scorer = current if model_adapter == adapter else load_model(
+                model.name, model.dtype, model_adapter, trust_remote_code=model.trust_remote_code)[0]
             return response_nll(scorer, encoded, tokenizer.pad_token_id, batch_tokens, bar)
     messages = conversation_messages(contexts, len(questions))
     spans = trained_context_spans(tokenizer, messages, train_on)  # the same earlier turns in every context
@@ -172,20 +173,19 @@ def cache_key(shard_sha256: str, fingerprints: list[str], metrics: list[str], ma
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, adapter: str | None,
-                max_seq_len: int, batch_tokens: int, iteration: int, metrics: list[str] = ("loss",),
-                reference_adapter: str | None = None, exemplars_path: Path | None = None, sppl_k: int = 3,
-                cache_dir: Path | None = None, producer: str = "", *, trust_remote_code: bool = False,
-                vllm_url: str = "", train_on: str = "last") -> dict:
-    """Score one pool shard; returns its manifest (`skipped` when a verified output already existed,
-    `cached` when the values came from the score cache). `vllm_url`: log-probs from that vLLM server;
+def score_shard(pool_shard: Path, out_path: Path, *, model: ModelSpec, batch_tokens: int, iteration: int,
+                metrics: list[str] = ("loss",), reference_adapter: str | None = None,
+                exemplars_path: Path | None = None, sppl_k: int = 3, cache_dir: Path | None = None,
+                producer: str = "", vllm_url: str = "", train_on: str = "last") -> dict:
+    """Score one pool shard under `model`; returns its manifest (`skipped` when a verified output already
+    existed, `cached` when the values came from the score cache). `vllm_url`: log-probs from that vLLM server;
     `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
     metrics = list(metrics)
-    fingerprint = model_fingerprint(model_name, adapter)
-    fingerprints = [fingerprint] + ([model_fingerprint(model_name, reference_adapter)] if "davir" in metrics else [])
+    fingerprint = model_fingerprint(model.name, model.adapter)
+    fingerprints = [fingerprint] + ([model_fingerprint(model.name, reference_adapter)] if "davir" in metrics else [])
     uses_exemplars = "sppl" in metrics and exemplars_path is not None
     inputs = describe_inputs([pool_shard] + ([exemplars_path] if uses_exemplars else []), fingerprints,
-                             metrics=metrics, max_seq_len=max_seq_len, dtype=dtype, sppl_k=sppl_k,
+                             metrics=metrics, max_seq_len=model.max_seq_len, dtype=model.dtype, sppl_k=sppl_k,
                              iteration=iteration, train_on=train_on,
                              version=SCORER_VERSION,  # batch_tokens: speed, not values
                              **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
@@ -194,8 +194,8 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
     exemplars = read_shard(exemplars_path)["response"].to_pylist() if uses_exemplars else []
     exemplars_sha = read_manifest(exemplars_path)["sha256"] if exemplars else ""
     # vLLM's values differ from transformers' in the last digits: neither backend reads the other's cache entries
-    key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, max_seq_len,
-                    f"{dtype}+vllm" if vllm_url else dtype, sppl_k, exemplars_sha, train_on)
+    key = cache_key(read_manifest(pool_shard)["sha256"], fingerprints, metrics, model.max_seq_len,
+                    f"{model.dtype}+vllm" if vllm_url else model.dtype, sppl_k, exemplars_sha, train_on)
     cached = Path(cache_dir) / f"{key}.parquet" if cache_dir else None
     if cached is not None and shard_is_complete(cached):
         table = read_shard(cached)
@@ -205,10 +205,9 @@ def score_shard(pool_shard: Path, out_path: Path, model_name: str, dtype: str, a
 
     table = read_shard(pool_shard)  # `meta` holds a conversation's earlier turns
     with tqdm(total=table.num_rows, desc=f"score {Path(pool_shard).stem}", unit="sample", leave=False) as bar:
-        values = compute_scores(model_name, dtype, adapter, table["prompt"].to_pylist(),
-                                table["response"].to_pylist(), metrics, max_seq_len, batch_tokens,
-                                reference_adapter, exemplars, sppl_k, progress=bar,
-                                trust_remote_code=trust_remote_code, vllm_url=vllm_url,
+        values = compute_scores(model, table["prompt"].to_pylist(), responses=table["response"].to_pylist(),
+                                metrics=metrics, batch_tokens=batch_tokens, reference_adapter=reference_adapter,
+                                exemplars=exemplars, sppl_k=sppl_k, progress=bar, vllm_url=vllm_url,
                                 contexts=contexts_of(table), train_on=train_on)
     ids = table["sample_id"].to_pylist()
     parts = []

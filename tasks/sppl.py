@@ -17,7 +17,7 @@ import pyarrow as pa
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, write_shard
 from tasks.generate import SamplingParams, sample_responses
-from tasks.models import load_model, model_fingerprint, render_prompt
+from tasks.models import ModelSpec, load_model, model_fingerprint, render_prompt
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 EXEMPLAR_INTRO = "Here are examples of the answer style to follow:"
@@ -41,22 +41,21 @@ def is_correct(answer: str, reference: str) -> bool:
     return numeric_answer(answer) == expected
 
 
-def make_exemplars(validation_shards: list[Path], out_path: Path, model_name: str, dtype: str, adapter: str | None,
-                   count: int, max_new_tokens: int, batch_size: int, producer: str = "", *,
-                   trust_remote_code: bool = False) -> dict:
-    """The target model's own correct answers to up to `count` validation questions."""
-    inputs = describe_inputs(validation_shards, [model_fingerprint(model_name, adapter)], dtype=dtype, count=count,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+def make_exemplars(validation_shards: list[Path], out_path: Path, *, model: ModelSpec, count: int,
+                   max_new_tokens: int, batch_size: int, producer: str = "") -> dict:
+    """The target `model`'s own correct answers to up to `count` validation questions."""
+    inputs = describe_inputs(validation_shards, [model_fingerprint(model.name, model.adapter)], dtype=model.dtype,
+                             count=count, max_new_tokens=max_new_tokens, batch_size=batch_size)
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
     table = pa.concat_tables([read_shard(p, columns=["question_id", "prompt", "response"]) for p in validation_shards])
-    model, tokenizer = load_model(model_name, dtype, adapter, trust_remote_code=trust_remote_code)
+    target, tokenizer = load_model(model.name, model.dtype, model.adapter, trust_remote_code=model.trust_remote_code)
     params = SamplingParams(num_responses=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
                             batch_size=batch_size)
     kept = {"question_id": [], "prompt": [], "response": []}
     questions, references = table["prompt"].to_pylist(), table["response"].to_pylist()
     for start in range(0, len(questions), batch_size):  # stop as soon as enough answers are correct
-        answers = sample_responses(model, tokenizer, questions[start: start + batch_size], params, seed=0)
+        answers = sample_responses(target, tokenizer, questions[start: start + batch_size], params, seed=0)
         for i, (answer,) in enumerate(answers, start):
             if is_correct(answer, references[i]) and len(kept["response"]) < count:
                 kept["question_id"].append(table["question_id"][i].as_py())

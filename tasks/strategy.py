@@ -17,7 +17,7 @@ import pyarrow as pa
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_shard, write_shard
 from tasks.generate import SamplingParams, sample_responses
-from tasks.models import load_model, model_fingerprint
+from tasks.models import ModelSpec, load_model, model_fingerprint
 from tasks.score import compute_scores
 
 
@@ -30,34 +30,35 @@ class Strategy:
     model: str = ""  # generator; empty = the current target model (base + latest adapter)
 
 
-def strategy_sppl(strategy: Strategy, questions: list[str], target: str, dtype: str, adapter: str | None,
-                  exemplars: list[str], k: int, max_seq_len: int, max_new_tokens: int, batch_tokens: int,
-                  seed: int, *, trust_remote_code: bool = False) -> tuple[np.ndarray, list[str]]:
-    generator, tokenizer = load_model(strategy.model or target, dtype, None if strategy.model else adapter,
-                                      trust_remote_code=trust_remote_code)
+def strategy_sppl(strategy: Strategy, questions: list[str], *, model: ModelSpec, exemplars: list[str], k: int,
+                  max_new_tokens: int, batch_tokens: int, seed: int) -> tuple[np.ndarray, list[str]]:
+    """The strategy's answers to `questions` and their SPPL under the target `model`."""
+    generator, tokenizer = load_model(strategy.model or model.name, model.dtype,
+                                      None if strategy.model else model.adapter,
+                                      trust_remote_code=model.trust_remote_code)
     params = SamplingParams(1, strategy.temperature, strategy.top_p, max_new_tokens, batch_size=8)
     responses = [g[0] for g in sample_responses(generator, tokenizer, questions, params, seed, strategy.template)]
-    scores = compute_scores(target, dtype, adapter, questions, responses, ["loss", "sppl"], max_seq_len,
-                            batch_tokens, exemplars=exemplars, sppl_k=k, trust_remote_code=trust_remote_code)
+    scores = compute_scores(model, questions, responses=responses, metrics=["loss", "sppl"],
+                            batch_tokens=batch_tokens, exemplars=exemplars, sppl_k=k)
     return scores["sppl"], responses
 
 
-def choose_strategy(strategies: list[Strategy], questions: list[str], out_path: Path, target: str, dtype: str,
-                    adapter: str | None, exemplars_path: Path, k: int, max_seq_len: int, max_new_tokens: int,
-                    batch_tokens: int, seed: int, producer: str = "", *, trust_remote_code: bool = False) -> Strategy:
-    """Score every strategy, write the comparison table, return the chosen strategy."""
+def choose_strategy(strategies: list[Strategy], questions: list[str], *, out_path: Path, model: ModelSpec,
+                    exemplars_path: Path, k: int, max_new_tokens: int, batch_tokens: int, seed: int,
+                    producer: str = "") -> Strategy:
+    """Score every strategy under the target `model`, write the comparison table, return the chosen strategy."""
     by_name = {s.name: s for s in strategies}
     generators = [model_fingerprint(s.model) for s in strategies if s.model]
-    inputs = describe_inputs([exemplars_path], [model_fingerprint(target, adapter), *generators],
-                             strategies=strategies, questions=texts_digest(questions), dtype=dtype, k=k,
-                             max_seq_len=max_seq_len, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
+    inputs = describe_inputs([exemplars_path], [model_fingerprint(model.name, model.adapter), *generators],
+                             strategies=strategies, questions=texts_digest(questions), dtype=model.dtype, k=k,
+                             max_seq_len=model.max_seq_len, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
                              seed=seed)
     if not is_current(out_path, inputs):
         exemplars = read_shard(exemplars_path)["response"].to_pylist()
         rows = []
         for strategy in strategies:
-            values, _ = strategy_sppl(strategy, questions, target, dtype, adapter, exemplars, k, max_seq_len,
-                                      max_new_tokens, batch_tokens, seed, trust_remote_code=trust_remote_code)
+            values, _ = strategy_sppl(strategy, questions, model=model, exemplars=exemplars, k=k,
+                                      max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, seed=seed)
             finite = values[np.isfinite(values)]
             rows.append({"strategy": strategy.name, "questions": len(questions), "scored": len(finite),
                          "mean_sppl": float(finite.mean()) if len(finite) else math.nan,

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 from storage.inputs import describe_inputs, is_current, texts_digest
 from storage.shards import read_manifest, read_shard, staged_directory, write_directory_manifest, write_shard
 from tasks.conversation import contexts_of
-from tasks.models import base_model_label, load_model, model_fingerprint
+from tasks.models import ModelSpec, base_model_label, load_model, model_fingerprint
 from tasks.nll import batch_nll
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.tokens import collate, encode_pairs
@@ -84,14 +84,26 @@ def build_uniform_set(shards: list[Path], out_path: Path, producer: str = "") ->
     return {**write_shard(table, out_path, producer, inputs), "skipped": False}
 
 
-def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter: str | None, epochs: int,
-               learning_rate: float, batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float,
-               target_modules: list[str], max_grad_norm: float, max_seq_len: int, seed: int,
-               producer: str = "", *, trust_remote_code: bool = False, response_tokens: int = 0,
+# the keywords of train_lora that a run's train settings give, by the names those settings use (flows/config.py
+# TrainConfig): callers pass them as **lora_settings(train), not one by one
+LORA_SETTINGS = ("learning_rate", "batch_size", "lora_r", "lora_alpha", "lora_dropout", "target_modules",
+                 "max_grad_norm")
+
+
+def lora_settings(train) -> dict:
+    """train_lora's step size, batch size, LoRA shape and gradient clip, read off the run's train settings."""
+    return {name: getattr(train, name) for name in LORA_SETTINGS}
+
+
+def train_lora(train_set: Path, out_dir: Path, *, model: ModelSpec, epochs: int, learning_rate: float,
+               batch_size: int, lora_r: int, lora_alpha: int, lora_dropout: float, target_modules: list[str],
+               max_grad_norm: float, seed: int, producer: str = "", response_tokens: int = 0,
                train_on: str = "last") -> dict:
-    """Train (or continue) a LoRA adapter on the weighted training set; returns losses per epoch.
+    """Train a LoRA adapter on the weighted training set, continuing `model.adapter` if it has one (else a fresh
+    adapter on `model.name`); returns losses per epoch. Training runs in fp32 whatever `model.dtype` is.
     `response_tokens` > 0 trains on the first that many tokens of each response only; `train_on` "all" also on
     the earlier assistant turns of multi-turn rows."""
+    model_name, previous_adapter, max_seq_len = model.name, model.adapter, model.max_seq_len
     inputs = describe_inputs([train_set], [model_fingerprint(model_name, previous_adapter)], epochs=epochs,
                              learning_rate=learning_rate, batch_size=batch_size, lora_r=lora_r, lora_alpha=lora_alpha,
                              lora_dropout=lora_dropout, target_modules=list(target_modules),
@@ -104,8 +116,8 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
     import torch
 
     torch.manual_seed(seed)
-    model, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules,
-                                      trust_remote_code=trust_remote_code)
+    lora, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules,
+                                     trust_remote_code=model.trust_remote_code)
     table = read_shard(train_set)
     contexts = table["context"].to_pylist() if "context" in table.column_names else None  # sets written before
     encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len,
@@ -115,10 +127,10 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
             e.response_ids = e.response_ids[:response_tokens]
     weights = table["weight"].to_pylist()
     usable = [i for i, e in enumerate(encoded) if e.response_ids and weights[i] > 0]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    optimizer = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=learning_rate)
     rng = random.Random(seed)
     epoch_losses = []
-    model.train()
+    lora.train()
     steps = 0
     # batches of similar length (little padding), visited in a shuffled order each epoch
     by_length = sorted(usable, key=lambda i: encoded[i].length)
@@ -128,20 +140,20 @@ def train_lora(train_set: Path, out_dir: Path, model_name: str, previous_adapter
         total, seen = 0.0, 0
         for batch in tqdm(batches, desc=f"train epoch {epoch + 1}/{epochs}", unit="batch", leave=False):
             input_ids, attention, loss_mask = collate([encoded[i] for i in batch], tokenizer.pad_token_id)
-            sums, counts = batch_nll(model, input_ids, attention, loss_mask)
+            sums, counts = batch_nll(lora, input_ids, attention, loss_mask)
             per_sample = sums / counts.clamp(min=1)
             w = torch.tensor([weights[i] for i in batch], dtype=torch.float32)
             loss = (w * per_sample).sum() / w.sum()
             optimizer.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(lora.parameters(), max_grad_norm)
             optimizer.step()
             total += loss.item() * len(batch)
             seen += len(batch)
             steps += 1
         epoch_losses.append(total / max(seen, 1))
     stats = {"steps": steps, "examples": len(usable), "epoch_losses": epoch_losses}
-    save_adapter(model, out_dir, model_name, producer, {TRAINING_STATS: stats}, inputs)
+    save_adapter(lora, out_dir, model_name, producer, {TRAINING_STATS: stats}, inputs)
     return {"skipped": False, "adapter": str(out_dir), **stats}
 
 

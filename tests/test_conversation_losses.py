@@ -17,7 +17,7 @@ from tasks.bds import run_bds
 from tasks.conversation import contexts_of
 from tasks.evaluate import split_loss
 from tasks.ingest import ingest_split
-from tasks.models import load_model
+from tasks.models import ModelSpec, load_model
 from tasks.score import compute_scores
 from tasks.sppl import EXEMPLAR_INTRO, EXEMPLAR_OUTRO
 
@@ -79,8 +79,9 @@ def test_scores_of_a_conversation_match_the_hand_rendered_reference(tiny_model_d
     names = ["france", "spain", "alone"]
     questions, responses, contexts = pool_rows(tmp_path, names)
     exemplars = ["Five.", "Waves and foam."]
-    got = compute_scores(str(tiny_model_dir), "fp32", None, questions, responses, ["loss", "ifd", "sppl"], 256,
-                         64, exemplars=exemplars, sppl_k=1, contexts=contexts, train_on=train_on)
+    got = compute_scores(ModelSpec(str(tiny_model_dir), "fp32", None, 256), questions, responses=responses,
+                         metrics=["loss", "ifd", "sppl"], batch_tokens=64, exemplars=exemplars, sppl_k=1,
+                         contexts=contexts, train_on=train_on)
     model, tokenizer = load_model(str(tiny_model_dir))
     for i, name in enumerate(names):
         turns = CONVERSATIONS[name]
@@ -102,15 +103,16 @@ def test_scores_of_a_conversation_match_the_hand_rendered_reference(tiny_model_d
 def test_train_on_all_adds_the_earlier_replies_tokens_and_single_exchanges_score_as_without_contexts(
         tiny_model_dir, tmp_path):
     questions, responses, contexts = pool_rows(tmp_path, ["france", "spain", "alone"])
-    args = (str(tiny_model_dir), "fp32", None, questions, responses, ["loss", "ifd"], 256, 64)
-    last = compute_scores(*args, contexts=contexts, train_on="last")
-    every = compute_scores(*args, contexts=contexts, train_on="all")
+    model = ModelSpec(str(tiny_model_dir), "fp32", None, 256)
+    args = dict(metrics=["loss", "ifd"], batch_tokens=64)
+    last = compute_scores(model, questions, responses=responses, **args, contexts=contexts, train_on="last")
+    every = compute_scores(model, questions, responses=responses, **args, contexts=contexts, train_on="all")
     _, tokenizer = load_model(str(tiny_model_dir))
     for i, reply in enumerate(["Paris.", "Madrid, in the middle."]):
         # the earlier reply, its <|im_end|> and the template's "\n" after it
         assert every["n_tokens"][i] - last["n_tokens"][i] == len(tokenizer(reply)["input_ids"]) + 2
         assert every["loss"][i] != last["loss"][i]
-    plain = compute_scores(str(tiny_model_dir), "fp32", None, questions[2:], responses[2:], ["loss", "ifd"], 256, 64)
+    plain = compute_scores(model, questions[2:], responses=responses[2:], **args)
     for metric in ("loss", "ifd", "n_tokens"):  # no history: bit for bit what a call without contexts gives
         assert every[metric][2:].tobytes() == last[metric][2:].tobytes() == plain[metric].tobytes()
 
@@ -121,7 +123,8 @@ def test_the_evaluation_loss_sees_the_history(tiny_model_dir, tmp_path, train_on
     losses = {}
     for name in CONVERSATIONS:
         shards = ingest_conversations(tmp_path / name, [name])
-        losses[name] = split_loss(shards, str(tiny_model_dir), "fp32", None, 256, 512, train_on=train_on)
+        losses[name] = split_loss(shards, ModelSpec(str(tiny_model_dir), "fp32", None, 256), batch_tokens=512,
+                                  train_on=train_on)
         expected, _ = reference_loss(model, tokenizer, CONVERSATIONS[name], train_on)
         assert losses[name] == pytest.approx(expected, abs=1e-5)
     assert len(set(losses.values())) == 3
@@ -229,10 +232,12 @@ def test_the_flow_passes_train_on_to_scoring_and_evaluation(prefect_harness, tin
     (scores,) = list_shards(run / "iter-001" / "scores")
     assert recorded_inputs(scores)["settings"]["train_on"] == "all"
     questions, responses = read_shard(pool)["prompt"].to_pylist(), read_shard(pool)["response"].to_pylist()
-    expected = compute_scores(str(tiny_model_dir), "fp32", None, questions, responses, ["loss"], 128, 4096,
-                              contexts=contexts_of(read_shard(pool)), train_on="all")["loss"]
+    expected = compute_scores(ModelSpec(str(tiny_model_dir), "fp32", None, 128), questions, responses=responses,
+                              metrics=["loss"], batch_tokens=4096, contexts=contexts_of(read_shard(pool)),
+                              train_on="all")["loss"]
     got = read_shard(scores).to_pylist()
     assert [r["value"] for r in got if r["metric"] == "loss"] == pytest.approx(expected.tolist(), abs=1e-6)
     assert recorded_inputs(run / "iter-000" / "evaluation.parquet")["settings"]["train_on"] == "all"
     assert summary["validation_loss_before"] == pytest.approx(
-        split_loss([pool], str(tiny_model_dir), "fp32", None, 128, 4096, train_on="all"), abs=1e-6)
+        split_loss([pool], ModelSpec(str(tiny_model_dir), "fp32", None, 128), batch_tokens=4096, train_on="all"),
+        abs=1e-6)

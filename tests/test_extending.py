@@ -75,7 +75,8 @@ def test_the_config_knows_the_added_names_and_still_refuses_unknown_ones(extende
 
 def test_the_length_score_is_in_the_score_shard(extended, tiny_model_dir, tmp_path):
     pool = _pool(tmp_path)
-    score_shard(pool, tmp_path / "scores.parquet", str(tiny_model_dir), "fp32", None, 128, 512, 1, ["loss", "length"])
+    score_shard(pool, tmp_path / "scores.parquet", model=ModelSpec(str(tiny_model_dir), "fp32", None, 128),
+                batch_tokens=512, iteration=1, metrics=["loss", "length"])
     table = read_shard(tmp_path / "scores.parquet")
     assert sorted(set(table["metric"].to_pylist())) == ["length", "loss", "ppl"]
     rows = table.filter(pc.equal(table["metric"], "length"))

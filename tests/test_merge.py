@@ -13,7 +13,7 @@ from flows.config import parse_config
 from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.shards import write_shard
-from tasks.models import DEFAULT_HUB_ID, base_model_label, load_model
+from tasks.models import DEFAULT_HUB_ID, ModelSpec, base_model_label, load_model
 from tasks.train import train_lora
 from tests.conftest import write_tiny_run
 
@@ -31,8 +31,9 @@ def trained_root(root, model_dir, tmp_path):
     write_shard(pa.table({"prompt": ["What is the capital of France?", "Add 2 and 3."] * 4,
                           "response": ["Paris.", "The answer is 5."] * 4, "weight": [1.0] * 8}), train_set)
     # a large step size, so the adapter visibly changes the logits after 4 steps
-    train_lora(train_set, paths.adapter(1), str(model_dir), None, 2, 5e-2, 4, 4, 8, 0.0, ["q_proj", "v_proj"],
-               1.0, 64, 0)
+    train_lora(train_set, paths.adapter(1), model=ModelSpec(str(model_dir), max_seq_len=64), epochs=2,
+               learning_rate=5e-2, batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+               target_modules=["q_proj", "v_proj"], max_grad_norm=1.0, seed=0)
     cfg = parse_config({"run_id": "m1", "root": str(root), "model": {"name": str(model_dir)},
                         "data": {"pool": "pool.jsonl", "validation": "val.jsonl"}}, tmp_path)
     catalog = Catalog(paths.catalog)

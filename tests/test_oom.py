@@ -13,7 +13,7 @@ import torch
 from flows.stages import is_transient
 from tasks import nll
 from tasks.generate import SamplingParams, sample_responses
-from tasks.models import load_model
+from tasks.models import ModelSpec, load_model
 from tasks.nll import OutOfMemoryAtBatchSizeOne, response_nll, run_halving_on_oom
 from tasks.score import score_shard
 from tasks.tokens import encode_pairs
@@ -101,10 +101,12 @@ def test_a_score_shard_written_after_halving_equals_one_written_without(tiny_mod
     pool = tmp_path / "pool.parquet"
     write_shard(pa.table({"sample_id": [f"s{i}" for i in range(20)], "prompt": questions, "response": responses}),
                 pool)
-    score_shard(pool, tmp_path / "plain.parquet", str(tiny_model_dir), "fp32", None, 128, 100_000, 1, ["loss", "ifd"])
+    args = dict(model=ModelSpec(str(tiny_model_dir), "fp32", None, 128), batch_tokens=100_000, iteration=1,
+                metrics=["loss", "ifd"])
+    score_shard(pool, tmp_path / "plain.parquet", **args)
     limit = MemoryLimit(4, torch.OutOfMemoryError("CUDA out of memory"))
     limit_scoring(monkeypatch, limit)
-    score_shard(pool, tmp_path / "halved.parquet", str(tiny_model_dir), "fp32", None, 128, 100_000, 1, ["loss", "ifd"])
+    score_shard(pool, tmp_path / "halved.parquet", **args)
     assert max(limit.sizes) == 20 and min(limit.sizes) <= 4
     plain, halved = read_shard(tmp_path / "plain.parquet"), read_shard(tmp_path / "halved.parquet")
     assert plain["sample_id"] == halved["sample_id"] and plain["metric"] == halved["metric"]

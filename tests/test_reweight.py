@@ -9,7 +9,7 @@ import pytest
 
 from storage.shards import read_shard, write_shard
 from tasks.generate import SamplingParams, generate_shard
-from tasks.models import load_model
+from tasks.models import ModelSpec, load_model
 from tasks.nll import response_nll
 from tasks.reweight import importance_ratios, normalize_per_question, reweight_shard
 from tasks.tokens import encode_pairs
@@ -54,18 +54,21 @@ def _generations(tmp_path, model_dir, responses):
 def test_equal_models_give_ratio_one_and_an_aligned_model_prefers_what_it_learned(tmp_path, tiny_model_dir):
     responses = ["The capital of France is Paris.", "Add 2 and 3.", "   "]
     gen = _generations(tmp_path, tiny_model_dir, responses)
+    model = ModelSpec(str(tiny_model_dir), "fp32", None, 128)
     for method in ("sequence", "token"):
-        reweight_shard(gen, tmp_path / f"same-{method}.parquet", method, str(tiny_model_dir), "fp32", None, None, 128)
+        reweight_shard(gen, tmp_path / f"same-{method}.parquet", method=method, generator=model)
         same = read_shard(tmp_path / f"same-{method}.parquet").to_pydict()
         assert same["ratio"][:2] == pytest.approx([1.0, 1.0], abs=1e-5)
         assert same["weight"] == pytest.approx([1.5, 1.5, 0.0]) and same["reason"][2] == "empty_generation"
     # pi_V: tuned towards the first response; it should carry more of the question's weight
     train_set = pa.table({"prompt": [QUESTION] * 4, "response": [responses[0]] * 4, "weight": [1.0] * 4})
     write_shard(train_set, tmp_path / "val.parquet")
-    train_lora(tmp_path / "val.parquet", tmp_path / "aligned", str(tiny_model_dir), None, 10, 1e-2, 4, 4, 8, 0.0,
-               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 1.0, 128, 0)
-    reweight_shard(gen, tmp_path / "bmo.parquet", "sequence", str(tiny_model_dir), "fp32", None,
-                   str(tmp_path / "aligned"), 128)
+    train_lora(tmp_path / "val.parquet", tmp_path / "aligned", model=model, epochs=10, learning_rate=1e-2,
+               batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               max_grad_norm=1.0, seed=0)
+    reweight_shard(gen, tmp_path / "bmo.parquet", method="sequence", generator=model,
+                   aligned_adapter=str(tmp_path / "aligned"))
     bmo = read_shard(tmp_path / "bmo.parquet").to_pydict()
     assert bmo["weight"][0] > 1.5 > bmo["weight"][1] and sum(bmo["weight"]) == pytest.approx(3)
     assert bmo["logp_aligned"][0] > bmo["logp_generator"][0]
@@ -76,11 +79,11 @@ def test_generated_responses_train_with_labels_shifted_once(tmp_path, tiny_model
     recorded log-probability is the scorer's (one label convention end to end)."""
     write_shard(pa.table({"question_id": ["q"], "prompt": [QUESTION], "source": ["s"]}), tmp_path / "refine.parquet")
     params = SamplingParams(num_responses=1, temperature=1.0, top_p=1.0, max_new_tokens=12, batch_size=1)
-    generate_shard(tmp_path / "refine.parquet", tmp_path / "gen.parquet", str(tiny_model_dir), "fp32", None, params,
-                   128, 4096, seed=3, iteration=1)
+    model = ModelSpec(str(tiny_model_dir), "fp32", None, 128)
+    generate_shard(tmp_path / "refine.parquet", tmp_path / "gen.parquet", model=model, params=params,
+                   batch_tokens=4096, seed=3, iteration=1)
     generated = read_shard(tmp_path / "gen.parquet").to_pydict()
-    reweight_shard(tmp_path / "gen.parquet", tmp_path / "w.parquet", "sequence", str(tiny_model_dir), "fp32", None,
-                   None, 128)
+    reweight_shard(tmp_path / "gen.parquet", tmp_path / "w.parquet", method="sequence", generator=model)
     weights = read_shard(tmp_path / "w.parquet").to_pydict()
     assert weights["logp_generator"][0] == pytest.approx(generated["logp_gen"][0], rel=1e-4)
     pool = pa.table({"sample_id": ["s0"], "question_id": ["q"], "source": ["s"], "prompt": [QUESTION],
@@ -91,8 +94,10 @@ def test_generated_responses_train_with_labels_shifted_once(tmp_path, tiny_model
                     [tmp_path / "w.parquet"], [], tmp_path / "train.parquet")
     train = read_shard(tmp_path / "train.parquet").to_pydict()
     assert train["origin"] == ["generated"] and train["response"] == generated["response"]
-    train_lora(tmp_path / "train.parquet", tmp_path / "adapter", str(tiny_model_dir), None, 15, 1e-2, 1, 4, 8, 0.0,
-               ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], 1.0, 128, 0)
+    train_lora(tmp_path / "train.parquet", tmp_path / "adapter", model=model, epochs=15, learning_rate=1e-2,
+               batch_size=1, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+               target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+               max_grad_norm=1.0, seed=0)
     base, tokenizer = load_model(str(tiny_model_dir))
     tuned, _ = load_model(str(tiny_model_dir), adapter=str(tmp_path / "adapter"))
     encoded = encode_pairs(tokenizer, [QUESTION], generated["response"], 128)

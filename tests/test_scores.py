@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from storage.shards import read_shard, write_shard
-from tasks.models import load_model, render_prompt
+from tasks.models import ModelSpec, load_model, render_prompt
 from tasks.score import compute_scores, score_shard
 from tasks.sppl import is_correct, numeric_answer, sppl_context
 from tasks.train import train_lora
@@ -35,18 +35,18 @@ def reference_adapter(tiny_model_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("reference")
     write_shard(pa.table({"prompt": QUESTIONS[:1] * 4, "response": RESPONSES[:1] * 4, "weight": [1.0] * 4}),
                 directory / "train.parquet")
-    train_lora(directory / "train.parquet", directory / "adapter", str(tiny_model_dir), None, epochs=15,
-               learning_rate=1e-2, batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-               target_modules=ALL_LINEAR, max_grad_norm=1.0, max_seq_len=128, seed=0)
+    train_lora(directory / "train.parquet", directory / "adapter",
+               model=ModelSpec(str(tiny_model_dir), max_seq_len=128), epochs=15, learning_rate=1e-2, batch_size=4,
+               lora_r=4, lora_alpha=8, lora_dropout=0.0, target_modules=ALL_LINEAR, max_grad_norm=1.0, seed=0)
     return str(directory / "adapter")
 
 
 def test_every_metric_matches_its_slow_reference(tiny_model_dir, reference_adapter):
     name = str(tiny_model_dir)
     exemplars = ["Paris is the capital.", "Five.", "Waves and foam."]
-    got = compute_scores(name, "fp32", None, QUESTIONS, RESPONSES, ["loss", "ifd", "iterit", "davir", "sppl"],
-                         max_seq_len=256, batch_tokens=128, reference_adapter=reference_adapter,
-                         exemplars=exemplars, sppl_k=2)
+    got = compute_scores(ModelSpec(name, "fp32", None, 256), QUESTIONS, responses=RESPONSES,
+                         metrics=["loss", "ifd", "iterit", "davir", "sppl"], batch_tokens=128,
+                         reference_adapter=reference_adapter, exemplars=exemplars, sppl_k=2)
     model, tokenizer = load_model(name)
     ref_model, _ = load_model(name, adapter=reference_adapter)
     for i, (q, r) in enumerate(zip(QUESTIONS, RESPONSES)):
@@ -64,15 +64,16 @@ def test_every_metric_matches_its_slow_reference(tiny_model_dir, reference_adapt
 
 
 def test_a_response_the_reference_learned_gets_a_positive_davir(tiny_model_dir, reference_adapter):
-    got = compute_scores(str(tiny_model_dir), "fp32", None, QUESTIONS, RESPONSES, ["loss", "davir"], 256, 512,
-                         reference_adapter=reference_adapter)
+    got = compute_scores(ModelSpec(str(tiny_model_dir), "fp32", None, 256), QUESTIONS, responses=RESPONSES,
+                         metrics=["loss", "davir"], batch_tokens=512, reference_adapter=reference_adapter)
     learned, others = got["davir"][0], got["davir"][1:]
     assert learned > 0.05 and all(learned > o for o in others), got["davir"]
 
 
 def test_ifd_ratio_uses_identical_response_tokens_when_truncated(tiny_model_dir):
     long_response = "the sea is wide " * 30
-    got = compute_scores(str(tiny_model_dir), "fp32", None, ["Hi"], [long_response], ["loss", "ifd"], 40, 512)
+    got = compute_scores(ModelSpec(str(tiny_model_dir), "fp32", None, 40), ["Hi"], responses=[long_response],
+                         metrics=["loss", "ifd"], batch_tokens=512)
     model, tokenizer = load_model(str(tiny_model_dir))
     prompt = tokenizer(render_prompt(tokenizer, "Hi"), add_special_tokens=False)["input_ids"]
     kept = tokenizer(long_response, add_special_tokens=False)["input_ids"][: 40 - len(prompt)]
@@ -91,30 +92,31 @@ def test_ifd_ratio_uses_identical_response_tokens_when_truncated(tiny_model_dir)
 def test_scores_are_cached_across_runs(tiny_model_dir, tmp_path, monkeypatch):
     pool = pa.table({"sample_id": ["a", "b"], "prompt": QUESTIONS[:2], "response": RESPONSES[:2]})
     write_shard(pool, tmp_path / "pool.parquet")
-    args = (str(tiny_model_dir), "fp32", None, 128, 512)
-    first = score_shard(tmp_path / "pool.parquet", tmp_path / "run1.parquet", *args, 1, ["loss", "ifd"],
-                        cache_dir=tmp_path / "cache")
+    args = dict(model=ModelSpec(str(tiny_model_dir), "fp32", None, 128), batch_tokens=512)
+    first = score_shard(tmp_path / "pool.parquet", tmp_path / "run1.parquet", **args, iteration=1,
+                        metrics=["loss", "ifd"], cache_dir=tmp_path / "cache")
     assert not first["cached"]
     import tasks.score
 
     def forbidden(*a, **k):
         raise AssertionError("the cache should have answered")
     monkeypatch.setattr(tasks.score, "compute_scores", forbidden)
-    second = score_shard(tmp_path / "pool.parquet", tmp_path / "run2.parquet", *args, 2, ["loss", "ifd"],
-                         cache_dir=tmp_path / "cache")
+    second = score_shard(tmp_path / "pool.parquet", tmp_path / "run2.parquet", **args, iteration=2,
+                         metrics=["loss", "ifd"], cache_dir=tmp_path / "cache")
     assert second["cached"]
     one, two = read_shard(tmp_path / "run1.parquet"), read_shard(tmp_path / "run2.parquet")
     assert one["value"].to_pylist() == two["value"].to_pylist() and set(two["iteration"].to_pylist()) == {2}
     with pytest.raises(AssertionError, match="cache should have answered"):  # another metric set is a miss
-        score_shard(tmp_path / "pool.parquet", tmp_path / "run3.parquet", *args, 1, ["loss"],
+        score_shard(tmp_path / "pool.parquet", tmp_path / "run3.parquet", **args, iteration=1, metrics=["loss"],
                     cache_dir=tmp_path / "cache")
 
 
 def test_long_format_rows_name_metric_model_and_reason(tiny_model_dir, tmp_path):
     pool = pa.table({"sample_id": ["a", "b"], "prompt": ["Hi", "x " * 200], "response": ["Hola.", "y"]})
     write_shard(pool, tmp_path / "pool.parquet")
-    score_shard(tmp_path / "pool.parquet", tmp_path / "s.parquet", str(tiny_model_dir), "fp32", None, 64, 512, 1,
-                ["loss", "ifd"])
+    score_shard(tmp_path / "pool.parquet", tmp_path / "s.parquet",
+                model=ModelSpec(str(tiny_model_dir), "fp32", None, 64), batch_tokens=512, iteration=1,
+                metrics=["loss", "ifd"])
     t = read_shard(tmp_path / "s.parquet").to_pylist()
     assert sorted({r["metric"] for r in t}) == ["ifd", "loss", "ppl"] and len(t) == 6
     assert all(r["model_fingerprint"].startswith("tiny-model") for r in t)
@@ -145,8 +147,10 @@ def test_bf16_scores_rank_like_fp32_on_real_rows():
 
     rows = [json.loads(line) for line in (DEMO / "test.jsonl").read_text().splitlines()]
     q, r = [x["prompt"] for x in rows], [x["response"] for x in rows]
-    fp32 = compute_scores("default", "fp32", None, q, r, ["loss"], 512, 4096)["loss"]
-    bf16 = compute_scores("default", "bf16", None, q, r, ["loss"], 512, 4096)["loss"]
+    fp32 = compute_scores(ModelSpec("default", "fp32", None, 512), q, responses=r, metrics=["loss"],
+                          batch_tokens=4096)["loss"]
+    bf16 = compute_scores(ModelSpec("default", "bf16", None, 512), q, responses=r, metrics=["loss"],
+                          batch_tokens=4096)["loss"]
     rank = lambda x: np.argsort(np.argsort(x))  # noqa: E731  (no ties among float losses)
     spearman = np.corrcoef(rank(fp32), rank(bf16))[0, 1]
     assert bf16.dtype == np.float32 and spearman >= 0.995, spearman
@@ -160,5 +164,6 @@ def test_a_question_that_gives_the_response_away_has_ifd_below_one():
         pytest.skip("default model not fetched: run `curate fetch-model`")
     answer = "The violet octopus painted seventeen lanterns beside the quiet harbor."
     q = [f"Repeat this sentence exactly: {answer}", "Tell me about your day."]
-    got = compute_scores("default", "fp32", None, q, [answer, answer], ["loss", "ifd"], 256, 4096)
+    got = compute_scores(ModelSpec("default", "fp32", None, 256), q, responses=[answer, answer],
+                         metrics=["loss", "ifd"], batch_tokens=4096)
     assert got["ifd"][0] < 0.5 and got["ifd"][0] < got["ifd"][1], got["ifd"]

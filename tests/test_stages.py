@@ -10,7 +10,7 @@ import torch
 
 from storage.shards import directory_is_complete, read_shard, write_shard
 from tasks.generate import SamplingParams, plan_refinement, sample_responses
-from tasks.models import load_model
+from tasks.models import ModelSpec, load_model
 from tasks.nll import response_nll
 from tasks.reweight import reweight_shard
 from tasks.select import select_samples
@@ -80,7 +80,7 @@ def test_uniform_reweight_sums_to_g_and_keeps_empty_generations_with_a_reason(tm
     gen = pa.table({"response_id": ["r1", "r2", "r3", "r4"], "question_id": ["a", "a", "b", "b"],
                     "response": ["x", "y", "z", "  "]})
     write_shard(gen, tmp_path / "gen.parquet")
-    reweight_shard(tmp_path / "gen.parquet", tmp_path / "w.parquet", "uniform")
+    reweight_shard(tmp_path / "gen.parquet", tmp_path / "w.parquet", method="uniform")
     w = read_shard(tmp_path / "w.parquet").to_pydict()
     assert w["weight"] == [1.0, 1.0, 2.0, 0.0] and w["reason"][3] == "empty_generation"
 
@@ -109,9 +109,10 @@ def _train(tiny_model_dir, tmp_path, rows, name, **overrides):
                       "weight": [float(r[2]) for r in rows]})
     write_shard(table, tmp_path / f"{name}.parquet")
     args = dict(epochs=1, learning_rate=1e-2, batch_size=8, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj"], max_grad_norm=1.0, max_seq_len=128, seed=0)
+                target_modules=["q_proj", "v_proj"], max_grad_norm=1.0, seed=0)
     args.update(overrides)
-    return train_lora(tmp_path / f"{name}.parquet", tmp_path / name, str(tiny_model_dir), None, **args)
+    return train_lora(tmp_path / f"{name}.parquet", tmp_path / name,
+                      model=ModelSpec(str(tiny_model_dir), max_seq_len=128), **args)
 
 
 def test_lora_training_lowers_the_trained_response_loss_and_leaves_the_base_unchanged(tiny_model_dir, tmp_path):
@@ -166,7 +167,7 @@ def test_train_set_drops_refined_questions_and_adds_weighted_generations(tmp_pat
     gen = pa.table({"question_id": ["q0", "q0"], "response_id": ["g1", "g2"], "sample_id": ["x1", "x2"],
                     "source": ["b", "b"], "prompt": ["Question 0?"] * 2, "response": ["New 1", ""]})
     write_shard(gen, tmp_path / "gen.parquet")
-    reweight_shard(tmp_path / "gen.parquet", tmp_path / "gw.parquet", "uniform")
+    reweight_shard(tmp_path / "gen.parquet", tmp_path / "gw.parquet", method="uniform")
     stats = build_train_set([pool], tmp_path / "w.parquet", {"q0"}, [tmp_path / "gen.parquet"],
                             [tmp_path / "gw.parquet"], [], tmp_path / "train.parquet")
     t = read_shard(tmp_path / "train.parquet").to_pydict()

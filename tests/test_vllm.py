@@ -26,7 +26,7 @@ from storage.shards import read_shard, write_shard
 from tasks.evaluate import refusal_answers, split_loss
 from tasks.generate import SamplingParams, generate_shard
 from tasks.ingest import read_prompts
-from tasks.models import load_model
+from tasks.models import ModelSpec, load_model
 from tasks.nll import response_nll
 from tasks.reweight import reweight_shard, token_logprobs
 from tasks.score import compute_scores
@@ -54,8 +54,9 @@ def vllm_model(tmp_path_factory):
     work = tmp_path_factory.mktemp("vllm-adapter")
     write_shard(pa.table({"prompt": QUESTIONS[:3], "response": ["I cannot help with that request."] * 3,
                           "weight": [1.0] * 3}), work / "train.parquet")
-    train_lora(work / "train.parquet", work / "adapter", str(model_dir), None, 10, 1e-2, 3, 8, 16, 0.0, TARGETS, 1.0,
-               128, 0)
+    train_lora(work / "train.parquet", work / "adapter", model=ModelSpec(str(model_dir), max_seq_len=128), epochs=10,
+               learning_rate=1e-2, batch_size=3, lora_r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+               max_grad_norm=1.0, seed=0)
     return str(model_dir), str(work / "adapter")
 
 
@@ -103,8 +104,9 @@ def test_greedy_answers_match(vllm_model, vllm_url, with_adapter):
     model_dir, adapter = vllm_model
     adapter = adapter if with_adapter else None
     prompts = QUESTIONS + read_prompts(DEMO / "harmful_test.jsonl")[:4]
-    hf = refusal_answers(prompts, model_dir, "fp32", adapter, 24, 4)
-    served = refusal_answers(prompts, model_dir, "fp32", adapter, 24, 4, vllm_url=vllm_url)
+    model = ModelSpec(model_dir, "fp32", adapter)
+    hf = refusal_answers(prompts, model, max_new_tokens=24, batch_size=4)
+    served = refusal_answers(prompts, model, max_new_tokens=24, batch_size=4, vllm_url=vllm_url)
     assert served == hf
 
 
@@ -116,8 +118,9 @@ def test_bmo_weights_from_vllm_logprobs_match_transformers(vllm_model, vllm_url,
     write_shard(table, tmp_path / "gen.parquet")
     for method in ("sequence", "token"):
         for backend, url in (("hf", ""), ("vllm", vllm_url)):
-            reweight_shard(tmp_path / "gen.parquet", tmp_path / f"{method}-{backend}.parquet", method, model_dir,
-                           "fp32", None, adapter, 128, template="Answer briefly. {question}", vllm_url=url)
+            reweight_shard(tmp_path / "gen.parquet", tmp_path / f"{method}-{backend}.parquet", method=method,
+                           generator=ModelSpec(model_dir, "fp32", None, 128), aligned_adapter=adapter,
+                           template="Answer briefly. {question}", vllm_url=url)
         hf, served = (read_shard(tmp_path / f"{method}-{b}.parquet").to_pydict() for b in ("hf", "vllm"))
         assert served["weight"] == pytest.approx(hf["weight"], rel=1e-4)
         assert served["logp_aligned"] == pytest.approx(hf["logp_aligned"], abs=1e-4)
@@ -131,8 +134,9 @@ def test_generation_is_seeded_and_records_the_generators_logp(vllm_model, vllm_u
     params = SamplingParams(num_responses=3, temperature=1.5, top_p=1.0, max_new_tokens=16, batch_size=2)
     runs = []
     for name in ("a", "b"):
-        generate_shard(tmp_path / "refine.parquet", tmp_path / f"{name}.parquet", model_dir, "fp32", adapter, params,
-                       128, 4096, seed=5, iteration=1, vllm_url=vllm_url)
+        generate_shard(tmp_path / "refine.parquet", tmp_path / f"{name}.parquet",
+                       model=ModelSpec(model_dir, "fp32", adapter, 128), params=params, batch_tokens=4096, seed=5,
+                       iteration=1, vllm_url=vllm_url)
         runs.append(read_shard(tmp_path / f"{name}.parquet").to_pydict())
     assert runs[0]["response"] == runs[1]["response"]  # per-request seeds: the same shard twice
     assert len(set(runs[0]["response"])) > 3  # ... but each response draws on its own
@@ -159,14 +163,16 @@ def test_many_long_seeded_prompts_in_flight_do_not_crash_the_engine(vllm_model, 
 def test_scores_and_losses_agree_with_transformers(vllm_model, vllm_url, tmp_path):
     model_dir, adapter = vllm_model
     metrics = ["loss", "ifd", "iterit", "davir"]
-    hf = compute_scores(model_dir, "fp32", None, QUESTIONS, RESPONSES, metrics, 128, 4096, reference_adapter=adapter)
-    served = compute_scores(model_dir, "fp32", None, QUESTIONS, RESPONSES, metrics, 128, 4096,
+    base = ModelSpec(model_dir, "fp32", None, 128)
+    hf = compute_scores(base, QUESTIONS, responses=RESPONSES, metrics=metrics, batch_tokens=4096,
+                        reference_adapter=adapter)
+    served = compute_scores(base, QUESTIONS, responses=RESPONSES, metrics=metrics, batch_tokens=4096,
                             reference_adapter=adapter, vllm_url=vllm_url)
     for name in ["loss", "ppl", *metrics[1:]]:
         assert served[name] == pytest.approx(hf[name], rel=1e-4, abs=1e-5), name
     assert served["n_tokens"].tolist() == hf["n_tokens"].tolist()
     write_shard(pa.table({"prompt": QUESTIONS, "response": RESPONSES}), tmp_path / "val.parquet")
-    losses = [split_loss([tmp_path / "val.parquet"], model_dir, "fp32", adapter, 128, 4096, vllm_url=url)
+    losses = [split_loss([tmp_path / "val.parquet"], base.with_adapter(adapter), batch_tokens=4096, vllm_url=url)
               for url in ("", vllm_url)]
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
 
@@ -178,9 +184,10 @@ def test_conversation_scores_agree_with_transformers(vllm_model, vllm_url, train
     history = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": RESPONSES[0]},
                {"role": "user", "content": QUESTIONS[1]}, {"role": "assistant", "content": RESPONSES[1]}]
     contexts = [json.dumps(history[: 2 * (i % 3)]) if i % 3 else "" for i in range(len(QUESTIONS))]
-    args = (model_dir, "fp32", None, QUESTIONS, RESPONSES, ["loss", "ifd"], 256, 4096)  # two exchanges: > 128
-    hf = compute_scores(*args, contexts=contexts, train_on=train_on)
-    served = compute_scores(*args, contexts=contexts, train_on=train_on, vllm_url=vllm_url)
+    model = ModelSpec(model_dir, "fp32", None, 256)  # two exchanges: > 128
+    args = dict(responses=RESPONSES, metrics=["loss", "ifd"], batch_tokens=4096)
+    hf = compute_scores(model, QUESTIONS, **args, contexts=contexts, train_on=train_on)
+    served = compute_scores(model, QUESTIONS, **args, contexts=contexts, train_on=train_on, vllm_url=vllm_url)
     assert np.isfinite(hf["loss"]).all()
     for name in ("loss", "ppl", "ifd"):
         assert served[name] == pytest.approx(hf[name], rel=1e-4, abs=1e-5), name

@@ -38,13 +38,14 @@ def iterations(run_dir: Path) -> list[tuple[int, list[Path], str | None]]:
 
 
 def generate_all(cfg, plan, params: SamplingParams, scratch: Path, vllm_url: str) -> dict:
-    m, per_iteration = cfg.model, {}
+    per_iteration = {}
     for iteration, shards, adapter in plan:
         start, responses = time.perf_counter(), 0
         for shard in shards:
             out = scratch / f"iter-{iteration}" / shard.name
-            generate_shard(shard, out, m.name, m.dtype, adapter, params, m.max_seq_len, cfg.score.batch_tokens,
-                           cfg.seed + iteration, iteration, vllm_url=vllm_url)
+            generate_shard(shard, out, model=cfg.model.spec(adapter), params=params,
+                           batch_tokens=cfg.score.batch_tokens, seed=cfg.seed + iteration, iteration=iteration,
+                           vllm_url=vllm_url)
             responses += read_manifest(out)["rows"]
         per_iteration[iteration] = {"seconds": round(time.perf_counter() - start, 2), "responses": responses}
     return per_iteration

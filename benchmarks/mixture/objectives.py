@@ -33,7 +33,7 @@ from flows.config import TrainConfig  # noqa: E402
 from storage.shards import read_shard  # noqa: E402
 from tasks import train  # noqa: E402
 from tasks.evaluate import auroc  # noqa: E402
-from tasks.models import load_model  # noqa: E402
+from tasks.models import ModelSpec, load_model  # noqa: E402
 from tasks.reweight import token_logprobs  # noqa: E402
 from tasks.tokens import encode_pairs  # noqa: E402
 
@@ -50,8 +50,8 @@ def mixture_run_module():
 def tuned_adapter(train_set: Path, out: Path, epochs: int, seed: int) -> str:
     if not (out / "adapter_config.json").exists():
         cfg = TrainConfig()
-        train.train_lora(train_set, out, "default", None, epochs, cfg.learning_rate, cfg.batch_size, cfg.lora_r,
-                         cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.max_grad_norm, MAX_SEQ_LEN, seed)
+        train.train_lora(train_set, out, model=ModelSpec("default", DTYPE, None, MAX_SEQ_LEN), epochs=epochs,
+                         **train.lora_settings(cfg), seed=seed)
     return str(out)
 
 

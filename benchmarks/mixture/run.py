@@ -33,6 +33,7 @@ from run import DTYPE, MAX_SEQ_LEN, bds_config, ingest_splits, kept_composition,
 from flows.config import TrainConfig  # noqa: E402
 from storage.shards import read_shard  # noqa: E402
 from tasks import evaluate, score, train  # noqa: E402
+from tasks.models import ModelSpec  # noqa: E402
 
 # half Alpaca, half correct GSM8K, plus 10% as many wrong-number rows: at budget 0.5 the kept 165 rows can be
 # 150/165 = 91% correct GSM8K (with 150 + 120 + 30 the goal of >= 85% would be out of reach: 120/150 = 80%)
@@ -91,11 +92,13 @@ def run_seed(seed: int, work: Path, data: Path, methods: list[str], model: str =
     build_data(data, work / "data", seed)
     shards, labels = ingest_splits(work)
     scores = [work / "scores" / p.name for p in shards["pool"]]
+    base = ModelSpec(model, DTYPE, None, MAX_SEQ_LEN)
     for shard, out in zip(shards["pool"], scores):
-        score.score_shard(shard, out, model, DTYPE, None, MAX_SEQ_LEN, 4096, 1, ["loss", "ifd"], None)
+        score.score_shard(shard, out, model=base, batch_tokens=4096, iteration=1, metrics=["loss", "ifd"])
     cfg = TrainConfig()
-    results = {"base": evaluate.evaluate_to_file(work / "base_eval.parquet", shards["validation"], shards["test"],
-                                                 model, DTYPE, None, MAX_SEQ_LEN, 4096, (), EXACT_MATCH_TOKENS),
+    results = {"base": evaluate.evaluate_to_file(work / "base_eval.parquet", shards["validation"],
+                                                 test=shards["test"], model=base, batch_tokens=4096,
+                                                 max_new_tokens=EXACT_MATCH_TOKENS),
                "methods": {}}
     for name in methods:
         path = work / "methods" / f"{name}.json"
@@ -106,11 +109,11 @@ def run_seed(seed: int, work: Path, data: Path, methods: list[str], model: str =
             out = work / "methods" / name
             train.build_train_set(shards["pool"], weights, set(), [], [], shards["validation"],
                                   out / "train_set.parquet")
-            train.train_lora(out / "train_set.parquet", out / "adapter", model, None, cfg.epochs, cfg.learning_rate,
-                             cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules,
-                             cfg.max_grad_norm, MAX_SEQ_LEN, seed)
-            metrics = evaluate.evaluate_to_file(out / "eval.parquet", shards["validation"], shards["test"], model,
-                                                DTYPE, str(out / "adapter"), MAX_SEQ_LEN, 4096, (), EXACT_MATCH_TOKENS)
+            train.train_lora(out / "train_set.parquet", out / "adapter", model=base, epochs=cfg.epochs,
+                             **train.lora_settings(cfg), seed=seed)
+            metrics = evaluate.evaluate_to_file(out / "eval.parquet", shards["validation"], test=shards["test"],
+                                                model=base.with_adapter(str(out / "adapter")), batch_tokens=4096,
+                                                max_new_tokens=EXACT_MATCH_TOKENS)
             path.write_text(json.dumps({
                 **metrics, "kept_composition": kept_composition(weights, labels),
                 "auroc_vs_wrong": preference_auroc(weights, labels, "gsm8k_wrong"),

@@ -29,9 +29,11 @@ sys.path.insert(0, str(REPO))
 from flows.config import TrainConfig  # noqa: E402
 from storage.shards import list_shards, read_shard  # noqa: E402
 from tasks import evaluate, generate, ingest, reweight, train  # noqa: E402
+from tasks.models import ModelSpec  # noqa: E402
 
 G, FRACTION, TEMPERATURE, MAX_NEW_TOKENS, ROUNDS, SEED = 4, 0.3, 0.8, 64, 2, 0
 DTYPE, MAX_SEQ_LEN = "bf16", 256
+BASE = ModelSpec("default", DTYPE, None, MAX_SEQ_LEN)  # each round's model: this with the last round's adapter
 
 
 def log(message: str) -> None:
@@ -52,8 +54,8 @@ def generations_for(round_dir: Path, pool, weights: Path, generator: str | None)
     out = []
     for index, shard in enumerate(refine):
         path = round_dir / "generations" / shard.name
-        generate.generate_shard(shard, path, "default", DTYPE, generator, params, MAX_SEQ_LEN, 4096,
-                                SEED * 1_000_003 + index, 0)
+        generate.generate_shard(shard, path, model=BASE.with_adapter(generator), params=params, batch_tokens=4096,
+                                seed=SEED * 1_000_003 + index, iteration=0)
         out.append(path)
     return out, generate.refined_question_ids(refine)
 
@@ -85,19 +87,20 @@ def main() -> None:
             gen_weights = []
             for path in gens:
                 w_path = out / "generation_weights" / path.name
-                reweight.reweight_shard(path, w_path, method, "default", DTYPE, previous, aligned, MAX_SEQ_LEN, 4096)
+                reweight.reweight_shard(path, w_path, method=method, generator=BASE.with_adapter(previous),
+                                        aligned_adapter=aligned, batch_tokens=4096)
                 gen_weights.append(w_path)
             train.build_train_set(pool, weights, refined, gens, gen_weights, validation, out / "train_set.parquet")
             t0 = time.time()
-            train.train_lora(out / "train_set.parquet", out / "adapter", "default", previous, cfg.epochs,
-                             cfg.learning_rate, cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                             cfg.target_modules, cfg.max_grad_norm, MAX_SEQ_LEN, SEED + round_)
+            train.train_lora(out / "train_set.parquet", out / "adapter", model=BASE.with_adapter(previous),
+                             epochs=cfg.epochs, **train.lora_settings(cfg), seed=SEED + round_)
             train_seconds = time.time() - t0
             previous = str(out / "adapter")
             metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else None
             if metrics is None:
-                metrics = evaluate.evaluate_model(validation, test, "default", DTYPE, previous, MAX_SEQ_LEN, 4096)
-                answers = evaluate.refusal_answers(harmful, "default", DTYPE, previous, 32, 16)
+                trained = BASE.with_adapter(previous)
+                metrics = evaluate.evaluate_model(validation, test, model=trained, batch_tokens=4096)
+                answers = evaluate.refusal_answers(harmful, trained, max_new_tokens=32, batch_size=16)
                 metrics["refusal_rate"] = sum(map(evaluate.is_refusal, answers)) / len(answers)
                 (out / "metrics.json").write_text(json.dumps(metrics))
             gw = [read_shard(p, columns=["weight", "ratio"]) for p in gen_weights]

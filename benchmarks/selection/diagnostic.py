@@ -26,12 +26,14 @@ from run import DTYPE, MAX_SEQ_LEN, build_data, log  # noqa: E402
 from flows.config import SourceConfig, TrainConfig  # noqa: E402
 from storage.shards import list_shards, read_shard  # noqa: E402
 from tasks import evaluate, ingest, score, train  # noqa: E402
+from tasks.models import ModelSpec  # noqa: E402
 
 
 def pool_losses(pool, work: Path, name: str, adapter: str | None) -> np.ndarray:
     out = [work / "scores" / name / p.name for p in pool]
     for shard, path in zip(pool, out):
-        score.score_shard(shard, path, "default", DTYPE, adapter, MAX_SEQ_LEN, 4096, 1, ["loss"], None)
+        score.score_shard(shard, path, model=ModelSpec("default", DTYPE, adapter, MAX_SEQ_LEN), batch_tokens=4096,
+                          iteration=1, metrics=["loss"])
     values = score.metric_values(out, "loss")
     ids = [s for p in pool for s in read_shard(p, columns=["sample_id"])["sample_id"].to_pylist()]
     return np.array([values[i] for i in ids])
@@ -39,9 +41,8 @@ def pool_losses(pool, work: Path, name: str, adapter: str | None) -> np.ndarray:
 
 def adapter(train_set: Path, out: Path, epochs: int, seed: int, response_tokens: int = 0) -> str:
     cfg = TrainConfig()
-    train.train_lora(train_set, out, "default", None, epochs, cfg.learning_rate, cfg.batch_size, cfg.lora_r,
-                     cfg.lora_alpha, cfg.lora_dropout, cfg.target_modules, cfg.max_grad_norm, MAX_SEQ_LEN, seed,
-                     response_tokens=response_tokens)
+    train.train_lora(train_set, out, model=ModelSpec("default", DTYPE, None, MAX_SEQ_LEN), epochs=epochs,
+                     **train.lora_settings(cfg), seed=seed, response_tokens=response_tokens)
     return str(out)
 
 

@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 from flows.config import BDSConfig, IterITConfig, SourceConfig, TrainConfig  # noqa: E402
 from storage.shards import list_shards, read_shard  # noqa: E402
 from tasks import bds, evaluate, ingest, iterit, score, select, train  # noqa: E402
-from tasks.models import load_tokenizer  # noqa: E402
+from tasks.models import ModelSpec, load_tokenizer  # noqa: E402
 
 SIZES = dict(pool_benign=210, pool_harmful=60, pool_corrupted=30, val_refusals=40, val_benign=40, test=100,
              harmful_test=100)
@@ -128,8 +128,9 @@ def selection_quality(weights_path: Path, labels: dict[str, str]) -> dict:
 
 def evaluate_adapter(model: str, adapter: str | None, validation, test, harmful: list[str]) -> dict:
     started = time.time()
-    metrics = evaluate.evaluate_model(validation, test, model, DTYPE, adapter, MAX_SEQ_LEN, 4096)
-    answers = evaluate.refusal_answers(harmful, model, DTYPE, adapter, REFUSAL_TOKENS, 16)
+    spec = ModelSpec(model, DTYPE, adapter, MAX_SEQ_LEN)
+    metrics = evaluate.evaluate_model(validation, test, model=spec, batch_tokens=4096)
+    answers = evaluate.refusal_answers(harmful, spec, max_new_tokens=REFUSAL_TOKENS, batch_size=16)
     refusals = [evaluate.is_refusal(a) for a in answers]
     return {**metrics, "refusal_rate": sum(refusals) / len(refusals), "eval_seconds": round(time.time() - started, 1),
             "example_answers": [a[:160] for a in answers[:3]]}
@@ -160,16 +161,16 @@ def prepare_seed(seed: int, work: Path, data: Path, model: str, methods: list[st
         t0 = time.time()
         reference = work / "davir_reference"
         train.build_uniform_set(shards["validation"], work / "reference_train_set.parquet")
-        train.train_lora(work / "reference_train_set.parquet", reference, model, None, 2, train_cfg.learning_rate,
-                         train_cfg.batch_size, train_cfg.lora_r, train_cfg.lora_alpha, train_cfg.lora_dropout,
-                         train_cfg.target_modules, train_cfg.max_grad_norm, MAX_SEQ_LEN, seed)
+        train.train_lora(work / "reference_train_set.parquet", reference,
+                         model=ModelSpec(model, DTYPE, None, MAX_SEQ_LEN), epochs=2, **train.lora_settings(train_cfg),
+                         seed=seed)
         timing.setdefault("davir_reference_seconds", round(time.time() - t0, 1))
     metrics = ["loss", "ifd", "iterit"] + (["davir"] if reference else [])
     t0 = time.time()
     scores = [work / "scores" / p.name for p in shards["pool"]]
     for shard, out in zip(shards["pool"], scores):
-        score.score_shard(shard, out, model, DTYPE, None, MAX_SEQ_LEN, 4096, 1, metrics,
-                          str(reference) if reference else None)
+        score.score_shard(shard, out, model=ModelSpec(model, DTYPE, None, MAX_SEQ_LEN), batch_tokens=4096,
+                          iteration=1, metrics=metrics, reference_adapter=str(reference) if reference else None)
     timing.setdefault("scoring_seconds", round(time.time() - t0, 1))
     (work / "timing.json").write_text(json.dumps(timing))
     base_path = work / "base.json"
@@ -192,10 +193,9 @@ def run_method(name: str, work: Path, ctx: dict, model: str, seed: int) -> dict:
     mixed_in = ctx["validation"] if mix or base_name == "full" else []
     train.build_train_set(ctx["pool"], weights, set(), [], [], mixed_in, out / "train_set.parquet")
     t0 = time.time()
-    trained = train.train_lora(out / "train_set.parquet", out / "adapter", model, None, train_cfg.epochs,
-                               train_cfg.learning_rate, train_cfg.batch_size, train_cfg.lora_r, train_cfg.lora_alpha,
-                               train_cfg.lora_dropout, train_cfg.target_modules, train_cfg.max_grad_norm,
-                               MAX_SEQ_LEN, seed)
+    trained = train.train_lora(out / "train_set.parquet", out / "adapter",
+                               model=ModelSpec(model, DTYPE, None, MAX_SEQ_LEN), epochs=train_cfg.epochs,
+                               **train.lora_settings(train_cfg), seed=seed)
     train_seconds = time.time() - t0
     result = {**selection_quality(weights, ctx["labels"]),
               **evaluate_adapter(model, str(out / "adapter"), ctx["validation"], ctx["test"], ctx["harmful"]),
@@ -228,9 +228,9 @@ def sft_epoch_seconds(work: Path, ctx: dict, model: str, seed: int) -> float:
         cfg = TrainConfig()
         train.build_uniform_set(ctx["pool"], work / "sft_epoch_set.parquet")
         t0 = time.time()
-        train.train_lora(work / "sft_epoch_set.parquet", work / "sft_epoch_adapter", model, None, 1,
-                         cfg.learning_rate, cfg.batch_size, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout,
-                         cfg.target_modules, cfg.max_grad_norm, MAX_SEQ_LEN, seed)
+        train.train_lora(work / "sft_epoch_set.parquet", work / "sft_epoch_adapter",
+                         model=ModelSpec(model, DTYPE, None, MAX_SEQ_LEN), epochs=1, **train.lora_settings(cfg),
+                         seed=seed)
         path.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
     return json.loads(path.read_text())["seconds"]
 
