@@ -35,7 +35,7 @@ from storage.inputs import describe_inputs, is_current, plain_settings
 from storage.shards import (read_manifest, read_shard, shard_is_complete, staged_directory, write_directory_manifest,
                             write_shard)
 from tasks.conversation import contexts_of
-from tasks.models import model_fingerprint
+from tasks.models import ModelSpec, model_fingerprint
 from tasks.bds_update import bds_step, model_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
@@ -80,12 +80,14 @@ def unhelpful_gate(pool_shards: list[Path], score_shards: list[Path]) -> tuple[n
     return np.nan_to_num(ifd, nan=0.0) >= 1, ifd
 
 
-def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Path, weights_path: Path,
-            model_name: str, previous_adapter: str | None, bds, lora, max_seq_len: int, budget: float,
-            seed: int, producer: str = "", *, trust_remote_code: bool = False,
+def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: Path, weights_path: Path,
+            model: ModelSpec, bds, lora, budget: float, seed: int, producer: str = "",
             score_shards: list[Path] = (), train_on: str = "last") -> dict:
-    """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file.
-    `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
+    """Learn the weights; write bds/epoch-NNN.parquet per epoch, bds/adapter and the final weights file. theta
+    continues `model.adapter` if it has one (else a fresh adapter on `model.name`) and trains in fp32 whatever
+    `model.dtype` is (bds.autocast: bf16 forwards). `train_on` "all": multi-turn rows' losses also cover their
+    earlier assistant turns."""
+    model_name, previous_adapter, max_seq_len = model.name, model.adapter, model.max_seq_len
     adapter_dir = out_dir / "adapter"
     epochs = [epoch_path(out_dir, e) for e in range(1, bds.epochs + 1)]
     # the checkpoint leaves the epoch count out: a run with more epochs continues from it
@@ -102,10 +104,10 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     import torch
 
     torch.manual_seed(seed)
-    model, tokenizer = trainable_lora(model_name, previous_adapter, lora.lora_r, lora.lora_alpha, lora.lora_dropout,
-                                      lora.target_modules, trust_remote_code=trust_remote_code)
-    theta_params = [p for p in model.parameters() if p.requires_grad]
-    u_params = _add_value_adapter(model) if bds.value_function else []
+    net, tokenizer = trainable_lora(model, lora_r=lora.lora_r, lora_alpha=lora.lora_alpha,
+                                    lora_dropout=lora.lora_dropout, target_modules=lora.target_modules)
+    theta_params = [p for p in net.parameters() if p.requires_grad]
+    u_params = _add_value_adapter(net) if bds.value_function else []
     rows = [read_manifest(p)["rows"] for p in pool_shards]
     offsets = np.concatenate([[0], np.cumsum(rows)]).astype(int)
     n = int(offsets[-1])
@@ -121,11 +123,11 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
     val_encoded = _validation_pairs(validation_shards, tokenizer, max_seq_len, bds.validation_tokens, train_on)
     checkpoint = out_dir / "checkpoint"
     resumable = is_current(checkpoint, checkpoint_inputs)  # a checkpoint of other inputs is not resumed
-    start = _load_checkpoint(checkpoint, model, logits, optimizers) if resumable else 0
+    start = _load_checkpoint(checkpoint, net, logits, optimizers) if resumable else 0
     val_batch_size = bds.validation_batch_size or bds.batch_size
-    model.train()
+    net.train()
     if start == 0 and bds.warmup_epochs:
-        _warm_up(model, val_encoded, tokenizer, optimizers["model_optimizer"], theta_params, bds, seed)
+        _warm_up(net, val_encoded, tokenizer, optimizers["model_optimizer"], theta_params, bds, seed)
     fits = np.zeros(n, dtype=bool)
     for epoch in range(start, bds.epochs):
         lam = max(bds.lambda0 - bds.lambda_decay * epoch, 0.0)
@@ -155,23 +157,23 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
                     val_cursor += val_batch_size
                     pool_part = [encoded[i] for i in batch]
                     with _precision(bds.autocast):
-                        per_sample = _losses(model, [val_encoded[i] for i in val_batch] + pool_part, tokenizer)
+                        per_sample = _losses(net, [val_encoded[i] for i in val_batch] + pool_part, tokenizer)
                     index = torch.as_tensor(offsets[s] + np.array(batch), dtype=torch.long)
                     val_loss, theta_losses = per_sample[: len(val_batch)].mean(), per_sample[len(val_batch):]
                     if bds.value_function:
                         u_losses = []
 
                         def forward_u():  # u stays active until its step is done: it must require grad
-                            model.set_adapter(U)
+                            net.set_adapter(U)
                             with _precision(bds.autocast):
-                                u_losses.append(_losses(model, pool_part, tokenizer))
+                                u_losses.append(_losses(net, pool_part, tokenizer))
                             return u_losses[0]
 
                         value_function_step(val_loss, theta_losses, forward_u, index, logits, lam, bds.weighting,
                                             optimizers["model_optimizer"], optimizers["u_optimizer"],
                                             optimizers["logit_optimizer"], theta_params, u_params,
                                             bds.max_grad_norm, active)
-                        model.set_adapter(THETA)
+                        net.set_adapter(THETA)
                         signal = (theta_losses - u_losses[0]).detach().numpy()
                     else:
                         bds_step(val_loss, theta_losses, index, logits, lam, bds.weighting,
@@ -191,11 +193,11 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], out_dir: Pat
         # the epoch's weights first: a kill before the checkpoint repeats the epoch and rewrites the same file
         _write_weights(pool_shards, weights, fits, gated, ifd, per_epoch, epoch + 1, bds, budget, epochs[epoch],
                        producer)
-        _save_checkpoint(checkpoint, model, logits, optimizers, epoch + 1, producer, bds.value_function,
+        _save_checkpoint(checkpoint, net, logits, optimizers, epoch + 1, producer, bds.value_function,
                          checkpoint_inputs)
     if bds.value_function:
-        model.delete_adapter(U)  # bds/adapter holds theta (pi_V) alone
-    save_adapter(model, adapter_dir, model_name, producer, inputs=inputs)
+        net.delete_adapter(U)  # bds/adapter holds theta (pi_V) alone
+    save_adapter(net, adapter_dir, model_name, producer, inputs=inputs)
     write_shard(read_shard(epochs[-1]), weights_path, producer, inputs)
     shutil.rmtree(checkpoint, ignore_errors=True)
     return {**read_manifest(weights_path), "skipped": False, **selected_counts(weights_path),

@@ -74,12 +74,13 @@ def select_round(complexity: np.ndarray, order: list[int], window: int, response
     return picked, new_order, reasons
 
 
-def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Path, weights_path: Path,
-                  model_name: str, dtype: str, previous_adapter: str | None, iterit, train, budget: float,
-                  max_seq_len: int, batch_tokens: int, end_of_turn: str, seed: int, producer: str = "", *,
-                  trust_remote_code: bool = False, train_on: str = "last") -> dict:
+def select_iterit(pool_shards: list[Path], score_shards: list[Path], *, out_dir: Path, weights_path: Path,
+                  model: ModelSpec, iterit, train, budget: float, batch_tokens: int, end_of_turn: str, seed: int,
+                  producer: str = "", train_on: str = "last") -> dict:
     """Rounds of IterIT; writes iterit/round-NNN.parquet per round (the weight history) and the final weights.
-    `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
+    The live model of a round after the first continues `model.adapter` (if any), trained one epoch per round on
+    the previous round's picks. `train_on` "all": multi-turn rows' losses also cover their earlier assistant turns."""
+    model_name, dtype, previous_adapter, max_seq_len = model.name, model.dtype, model.adapter, model.max_seq_len
     # a round's file is reused (a resumed run) only if computed from these same inputs; the round count is left
     # out, since round r does not depend on how many rounds follow it
     round_inputs = describe_inputs([*pool_shards, *score_shards], [model_fingerprint(model_name, previous_adapter)],
@@ -96,8 +97,6 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
     offline = metric_values(score_shards, "iterit")
     complexity = np.array([offline.get(s, math.nan) for s in pool["sample_id"].to_pylist()], dtype=np.float64)
     order, live = list(range(n)), previous_adapter
-    # the live model of a round: this base with the adapter trained on the previous round's picks
-    base = ModelSpec(model_name, dtype, max_seq_len=max_seq_len, trust_remote_code=trust_remote_code)
     for round_ in range(1, iterit.epochs + 1):
         path = out_dir / f"round-{round_:03d}.parquet"
         if round_ > 1:  # the live model has trained on the previous picks: re-score the window
@@ -107,7 +106,7 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
             write_shard(pa.table({"prompt": [prompts[i] for i in picks], "response": [responses[i] for i in picks],
                                   "context": [contexts[i] for i in picks], "weight": [1.0] * len(picks)}),
                         train_set, producer)
-            train_lora(train_set, live_dir, model=base.with_adapter(live), epochs=1, **lora_settings(train),
+            train_lora(train_set, live_dir, model=model.with_adapter(live), epochs=1, **lora_settings(train),
                        seed=seed + round_, producer=producer, train_on=train_on)
             live = str(live_dir)
         if is_current(path, round_inputs):  # resumed: this round's ranking and scores are on disk
@@ -119,7 +118,7 @@ def select_iterit(pool_shards: list[Path], score_shards: list[Path], out_dir: Pa
         window = n if round_ == 1 else min(n, iterit.window * k)
         if round_ > 1:
             rescore = order[:window]
-            fresh = compute_scores(base.with_adapter(live), [prompts[i] for i in rescore],
+            fresh = compute_scores(model.with_adapter(live), [prompts[i] for i in rescore],
                                    responses=[responses[i] for i in rescore], metrics=["iterit"],
                                    batch_tokens=batch_tokens, contexts=[contexts[i] for i in rescore],
                                    train_on=train_on)["iterit"]

@@ -160,9 +160,8 @@ def bds_weights(given: SelectionInput) -> Selection:
     from tasks import bds  # not at the top: tasks/bds.py imports this module's WEIGHTS_SCHEMA
 
     s, out = given.select, given.work_dir
-    m = given.model
-    stats = bds.run_bds(given.pool, given.validation, out, given.weights, m.name, m.adapter, s.bds, given.train,
-                        m.max_seq_len, s.budget, given.seed, given.producer, trust_remote_code=m.trust_remote_code,
+    stats = bds.run_bds(given.pool, given.validation, out_dir=out, weights_path=given.weights, model=given.model,
+                        bds=s.bds, lora=given.train, budget=s.budget, seed=given.seed, producer=given.producer,
                         score_shards=given.scores, train_on=given.train.train_on)
     return Selection(given.weights, stats, selected_from=[*given.pool, *given.validation],
                      history=[bds.epoch_path(out, e) for e in range(1, s.bds.epochs + 1)],
@@ -175,9 +174,9 @@ def iterit_weights(given: SelectionInput) -> Selection:
     s, out = given.select, given.work_dir
     m = given.model
     end_of_turn = end_of_turn_text(load_tokenizer(m.name, m.trust_remote_code))
-    stats = iterit.select_iterit(given.pool, given.scores, out, given.weights, m.name, m.dtype, m.adapter, s.iterit,
-                                 given.train, s.budget, m.max_seq_len, given.batch_tokens, end_of_turn, given.seed,
-                                 given.producer, trust_remote_code=m.trust_remote_code,
+    stats = iterit.select_iterit(given.pool, given.scores, out_dir=out, weights_path=given.weights, model=m,
+                                 iterit=s.iterit, train=given.train, budget=s.budget, batch_tokens=given.batch_tokens,
+                                 end_of_turn=end_of_turn, seed=given.seed, producer=given.producer,
                                  train_on=given.train.train_on)
     return Selection(given.weights, stats, selected_from=given.scores,
                      history=[out / f"round-{r:03d}.parquet" for r in range(1, s.iterit.epochs + 1)])

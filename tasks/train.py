@@ -116,8 +116,8 @@ def train_lora(train_set: Path, out_dir: Path, *, model: ModelSpec, epochs: int,
     import torch
 
     torch.manual_seed(seed)
-    lora, tokenizer = trainable_lora(model_name, previous_adapter, lora_r, lora_alpha, lora_dropout, target_modules,
-                                     trust_remote_code=model.trust_remote_code)
+    lora, tokenizer = trainable_lora(model, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                     target_modules=target_modules)
     table = read_shard(train_set)
     contexts = table["context"].to_pylist() if "context" in table.column_names else None  # sets written before
     encoded = encode_pairs(tokenizer, table["prompt"].to_pylist(), table["response"].to_pylist(), max_seq_len,
@@ -157,18 +157,19 @@ def train_lora(train_set: Path, out_dir: Path, *, model: ModelSpec, epochs: int,
     return {"skipped": False, "adapter": str(out_dir), **stats}
 
 
-def trainable_lora(model_name: str, previous_adapter: str | None, lora_r: int, lora_alpha: int,
-                   lora_dropout: float, target_modules: list[str], *, trust_remote_code: bool = False):
-    """(model, tokenizer) with trainable LoRA weights: the previous iteration's adapter continued, or a fresh one."""
-    model, tokenizer = load_model(model_name, "fp32", previous_adapter, trainable=True,
-                                  trust_remote_code=trust_remote_code)
-    if previous_adapter is None:
+def trainable_lora(model: ModelSpec, *, lora_r: int, lora_alpha: int, lora_dropout: float,
+                   target_modules: list[str]):
+    """(model, tokenizer) with trainable LoRA weights, in fp32 whatever `model.dtype` is: `model.adapter`
+    continued (the previous iteration's), or a fresh one on `model.name`."""
+    net, tokenizer = load_model(model.name, "fp32", model.adapter, trainable=True,
+                                trust_remote_code=model.trust_remote_code)
+    if model.adapter is None:
         from peft import LoraConfig, get_peft_model
 
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                             target_modules=list(target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, config)
-    return model, tokenizer
+        net = get_peft_model(net, config)
+    return net, tokenizer
 
 
 def save_adapter(model, out_dir: Path, model_name: str, producer: str = "", extra_json: dict | None = None,

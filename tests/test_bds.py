@@ -15,6 +15,7 @@ from storage.shards import read_shard, write_shard
 from tasks.bds import run_bds
 from tasks.bds_update import bds_step, sample_weights, value_function_step
 from tasks.evaluate import auroc
+from tasks.models import ModelSpec
 
 
 def _toy_step(weighting: str):
@@ -163,9 +164,10 @@ LORA = SimpleNamespace(lora_r=8, lora_alpha=16, lora_dropout=0.0,
 
 @pytest.mark.slow
 def test_bds_ranks_samples_consistent_with_validation_above_contradicting_ones(tmp_path, tiny_model_dir):
+    model = ModelSpec(str(tiny_model_dir), max_seq_len=128)
     pool, validation, consistent = _synthetic(tmp_path)
-    out = run_bds(pool, validation, tmp_path / "bds", tmp_path / "weights.parquet", str(tiny_model_dir), None,
-                  BDS, LORA, 128, budget=0.5, seed=0)
+    out = run_bds(pool, validation, out_dir=tmp_path / "bds", weights_path=tmp_path / "weights.parquet", model=model,
+                  bds=BDS, lora=LORA, budget=0.5, seed=0)
     weights = read_shard(tmp_path / "weights.parquet")
     assert weights["sample_id"].to_pylist() == [f"s{i:03d}" for i in range(40)]  # pool order kept
     w = weights["weight"].to_numpy()
@@ -186,19 +188,20 @@ def test_bds_ranks_samples_consistent_with_validation_above_contradicting_ones(t
 
 @pytest.mark.slow
 def test_bds_rerun_skips_and_more_epochs_resume_from_the_checkpoint(tmp_path, tiny_model_dir):
+    model = ModelSpec(str(tiny_model_dir), max_seq_len=128)
     pool, validation, _ = _synthetic(tmp_path)
     one = SimpleNamespace(**{**vars(BDS), "epochs": 1})
     two = SimpleNamespace(**{**vars(BDS), "epochs": 2})
-    run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, one, LORA, 128,
-            0.5, seed=0)
-    assert run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, one, LORA,
-                   128, 0.5, seed=0)["skipped"]
+    run_bds(pool, validation, out_dir=tmp_path / "a", weights_path=tmp_path / "wa.parquet", model=model,
+            bds=one, lora=LORA, budget=0.5, seed=0)
+    assert run_bds(pool, validation, out_dir=tmp_path / "a", weights_path=tmp_path / "wa.parquet", model=model,
+                   bds=one, lora=LORA, budget=0.5, seed=0)["skipped"]
     # a run stopped after epoch 1 continues to epoch 2 and lands where an uninterrupted 2-epoch run lands
-    resumed = run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, two,
-                      LORA, 128, 0.5, seed=0)
+    resumed = run_bds(pool, validation, out_dir=tmp_path / "a", weights_path=tmp_path / "wa.parquet", model=model,
+                      bds=two, lora=LORA, budget=0.5, seed=0)
     assert not resumed["skipped"]
-    run_bds(pool, validation, tmp_path / "b", tmp_path / "wb.parquet", str(tiny_model_dir), None, two, LORA, 128,
-            0.5, seed=0)
+    run_bds(pool, validation, out_dir=tmp_path / "b", weights_path=tmp_path / "wb.parquet", model=model,
+            bds=two, lora=LORA, budget=0.5, seed=0)
     a, b = read_shard(tmp_path / "wa.parquet"), read_shard(tmp_path / "wb.parquet")
     assert np.allclose(a["weight"].to_numpy(), b["weight"].to_numpy(), rtol=0, atol=1e-6)
     assert a["selected"].to_pylist() == b["selected"].to_pylist()
@@ -257,15 +260,15 @@ def _spearman(a, b) -> float:
 def test_value_function_weights_separate_conflicts_where_the_seal_form_ranks_by_difficulty(
         tmp_path, trained_tiny_model_dir, seed):
     pool, validation, clean, hard = _difficulty_pool(tmp_path, seed)
-    model = str(trained_tiny_model_dir)
+    model = ModelSpec(str(trained_tiny_model_dir), max_seq_len=128)
     value_cfg = SimpleNamespace(**{**vars(VALUE_BDS), "learning_rate": 3e-3})
-    run_bds(pool, validation, tmp_path / "vf", tmp_path / "vf.parquet", model, None, value_cfg, LORA, 128,
-            budget=0.5, seed=seed)
+    run_bds(pool, validation, out_dir=tmp_path / "vf", weights_path=tmp_path / "vf.parquet", model=model,
+            bds=value_cfg, lora=LORA, budget=0.5, seed=seed)
     value = read_shard(tmp_path / "vf.parquet")["weight"].to_numpy()
     assert auroc(value, clean) >= 0.95
     seal_cfg = SimpleNamespace(**{**vars(BDS), "learning_rate": 3e-3})
-    run_bds(pool, validation, tmp_path / "seal", tmp_path / "seal.parquet", model, None, seal_cfg, LORA, 128,
-            budget=0.5, seed=seed)
+    run_bds(pool, validation, out_dir=tmp_path / "seal", weights_path=tmp_path / "seal.parquet", model=model,
+            bds=seal_cfg, lora=LORA, budget=0.5, seed=seed)
     seal = read_shard(tmp_path / "seal.parquet")
     w, loss = seal["weight"].to_numpy(), seal["epoch_loss"].to_numpy()
     # the SEAL form ranks by difficulty: hard clean rows sink below the easy ones, tracking the loss ...
@@ -278,14 +281,15 @@ def test_value_function_weights_separate_conflicts_where_the_seal_form_ranks_by_
 
 
 def test_unhelpful_gate_drops_samples_before_weighting_with_a_reason(tmp_path, tiny_model_dir):
+    model = ModelSpec(str(tiny_model_dir), max_seq_len=128)
     pool, validation, _ = _synthetic(tmp_path)
     ids = [f"s{i:03d}" for i in range(40)]
     ifd = [1.2 if i % 10 == 3 else 0.8 for i in range(40)]  # 4 samples whose response ignores its question
     scores = tmp_path / "scores.parquet"
     write_shard(pa.table({"sample_id": ids, "metric": ["ifd"] * 40, "value": ifd}), scores)
     gated_cfg = SimpleNamespace(**{**vars(VALUE_BDS), "drop_unhelpful": True, "epochs": 1})
-    out = run_bds(pool, validation, tmp_path / "bds", tmp_path / "w.parquet", str(tiny_model_dir), None, gated_cfg,
-                  LORA, 128, budget=0.5, seed=0, score_shards=[scores])
+    out = run_bds(pool, validation, out_dir=tmp_path / "bds", weights_path=tmp_path / "w.parquet", model=model,
+                  bds=gated_cfg, lora=LORA, budget=0.5, seed=0, score_shards=[scores])
     weights = read_shard(tmp_path / "w.parquet")
     gated = np.array(ifd) >= 1
     w = weights["weight"].to_numpy()
@@ -296,8 +300,8 @@ def test_unhelpful_gate_drops_samples_before_weighting_with_a_reason(tmp_path, t
     assert all(r.startswith("bds: ifd=1.2000 >= 1: the response does not depend on its question") for r in reasons)
     assert np.isnan(read_shard(tmp_path / "bds" / "epoch-001.parquet")["epoch_loss"].to_numpy()[gated]).all()
     with pytest.raises(ValueError, match="add ifd to score.metrics"):
-        run_bds(pool, validation, tmp_path / "b2", tmp_path / "w2.parquet", str(tiny_model_dir), None, gated_cfg,
-                LORA, 128, budget=0.5, seed=0, score_shards=[])
+        run_bds(pool, validation, out_dir=tmp_path / "b2", weights_path=tmp_path / "w2.parquet", model=model,
+                bds=gated_cfg, lora=LORA, budget=0.5, seed=0, score_shards=[])
 
 
 def test_validation_tokens_score_exactly_the_first_k_response_tokens(tmp_path, tiny_model_dir):
@@ -322,13 +326,14 @@ def test_validation_tokens_score_exactly_the_first_k_response_tokens(tmp_path, t
 
 @pytest.mark.slow
 def test_bf16_autocast_keeps_the_losses_and_the_selection(tmp_path, tiny_model_dir):
+    model = ModelSpec(str(tiny_model_dir), max_seq_len=128)
     pool, validation, consistent = _synthetic(tmp_path)
     fp32 = SimpleNamespace(**{**vars(VALUE_BDS), "epochs": 2})
     bf16 = SimpleNamespace(**{**vars(fp32), "autocast": True})
-    run_bds(pool, validation, tmp_path / "a", tmp_path / "a.parquet", str(tiny_model_dir), None, fp32, LORA, 128,
-            0.5, seed=0)
-    run_bds(pool, validation, tmp_path / "b", tmp_path / "b.parquet", str(tiny_model_dir), None, bf16, LORA, 128,
-            0.5, seed=0)
+    run_bds(pool, validation, out_dir=tmp_path / "a", weights_path=tmp_path / "a.parquet", model=model,
+            bds=fp32, lora=LORA, budget=0.5, seed=0)
+    run_bds(pool, validation, out_dir=tmp_path / "b", weights_path=tmp_path / "b.parquet", model=model,
+            bds=bf16, lora=LORA, budget=0.5, seed=0)
     a, b = read_shard(tmp_path / "a" / "epoch-002.parquet"), read_shard(tmp_path / "b" / "epoch-002.parquet")
     assert np.abs(a["epoch_loss"].to_numpy() - b["epoch_loss"].to_numpy()).max() < 0.05
     assert auroc(b["weight"].to_numpy(), consistent) >= 0.9
@@ -344,7 +349,8 @@ def test_warm_up_teaches_theta_the_validation_pairs_and_leaves_u_at_the_start(tm
 
     _, validation, _ = _synthetic(tmp_path)
     torch.manual_seed(0)
-    model, tokenizer = trainable_lora(str(tiny_model_dir), None, 8, 16, 0.0, LORA.target_modules)
+    model, tokenizer = trainable_lora(ModelSpec(str(tiny_model_dir)), lora_r=8, lora_alpha=16, lora_dropout=0.0,
+                                      target_modules=LORA.target_modules)
     theta_params = [p for p in model.parameters() if p.requires_grad]
     _add_value_adapter(model)
     u_start = {k: v.clone() for k, v in get_peft_model_state_dict(model, adapter_name=U).items()}
@@ -366,14 +372,15 @@ def test_warm_up_teaches_theta_the_validation_pairs_and_leaves_u_at_the_start(tm
 
 @pytest.mark.slow
 def test_a_resumed_run_does_not_repeat_the_warm_up(tmp_path, tiny_model_dir):
+    model = ModelSpec(str(tiny_model_dir), max_seq_len=128)
     pool, validation, _ = _synthetic(tmp_path)
     one = SimpleNamespace(**{**vars(VALUE_BDS), "epochs": 1, "warmup_epochs": 2})
     two = SimpleNamespace(**{**vars(one), "epochs": 2})
-    run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, one, LORA, 128,
-            0.5, seed=0)
-    run_bds(pool, validation, tmp_path / "a", tmp_path / "wa.parquet", str(tiny_model_dir), None, two, LORA, 128,
-            0.5, seed=0)
-    run_bds(pool, validation, tmp_path / "b", tmp_path / "wb.parquet", str(tiny_model_dir), None, two, LORA, 128,
-            0.5, seed=0)
+    run_bds(pool, validation, out_dir=tmp_path / "a", weights_path=tmp_path / "wa.parquet", model=model,
+            bds=one, lora=LORA, budget=0.5, seed=0)
+    run_bds(pool, validation, out_dir=tmp_path / "a", weights_path=tmp_path / "wa.parquet", model=model,
+            bds=two, lora=LORA, budget=0.5, seed=0)
+    run_bds(pool, validation, out_dir=tmp_path / "b", weights_path=tmp_path / "wb.parquet", model=model,
+            bds=two, lora=LORA, budget=0.5, seed=0)
     a, b = read_shard(tmp_path / "wa.parquet"), read_shard(tmp_path / "wb.parquet")
     assert np.allclose(a["weight"].to_numpy(), b["weight"].to_numpy(), rtol=0, atol=1e-6)

@@ -138,8 +138,9 @@ def test_bds_pool_losses_see_the_history(tiny_model_dir, tmp_path, train_on):
     validation = ingest_conversations(tmp_path / "validation", ["spain"])
     bds = BDSConfig(epochs=1, learning_rate=0.0, value_function=False, warmup_epochs=0,
                     autocast=False, batch_size=2)
-    run_bds(pool, validation, tmp_path / "bds", tmp_path / "weights.parquet", str(tiny_model_dir), None, bds,
-            TrainConfig(), 256, budget=0.5, seed=0, train_on=train_on)
+    run_bds(pool, validation, out_dir=tmp_path / "bds", weights_path=tmp_path / "weights.parquet",
+            model=ModelSpec(str(tiny_model_dir), "fp32", None, 256), bds=bds, lora=TrainConfig(), budget=0.5, seed=0,
+            train_on=train_on)
     epoch = read_shard(tmp_path / "bds" / "epoch-001.parquet")
     model, tokenizer = load_model(str(tiny_model_dir))
     histories = [json.loads(m).get("history") for m in read_shard(pool[0])["meta"].to_pylist()]
@@ -189,9 +190,10 @@ def test_iterit_rescores_and_trains_its_live_model_on_the_conversations(tiny_mod
     train = SimpleNamespace(learning_rate=1e-2, batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                             target_modules=["q_proj", "v_proj"], max_grad_norm=1.0)
     iterit = SimpleNamespace(epochs=2, decay=0.1, window=3)
-    select_iterit([tmp_path / "pool.parquet"], [tmp_path / "scores.parquet"], tmp_path / "iterit",
-                  tmp_path / "weights.parquet", str(tiny_model_dir), "fp32", None, iterit, train, 0.5, 256, 4096,
-                  "<|im_end|>", seed=0, train_on="all")
+    select_iterit([tmp_path / "pool.parquet"], [tmp_path / "scores.parquet"], out_dir=tmp_path / "iterit",
+                  weights_path=tmp_path / "weights.parquet", model=ModelSpec(str(tiny_model_dir), "fp32", None, 256),
+                  iterit=iterit, train=train, budget=0.5, batch_tokens=4096, end_of_turn="<|im_end|>", seed=0,
+                  train_on="all")
     contexts = contexts_of(table)
     assert all(contexts) and contexts[0] != contexts[1]
     (rescored,) = seen  # round 2 re-scores its window (3 x k=2: the whole pool) with the live model

@@ -11,6 +11,7 @@ import pytest
 from storage.shards import read_shard, write_shard
 from tasks.diversity import tfidf_rows
 from tasks.iterit import greedy_picks, select_iterit, select_round
+from tasks.models import ModelSpec
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "the cat ran to the dog", "paris is the capital",
          "the capital of france is paris", "eat well and sleep enough", "sleep enough and exercise daily",
@@ -74,9 +75,10 @@ def test_select_iterit_rescores_with_the_live_model(tmp_path, tiny_model_dir):
     iterit = SimpleNamespace(epochs=2, decay=0.1, window=2)
     train = SimpleNamespace(learning_rate=1e-2, batch_size=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                             target_modules=["q_proj", "v_proj"], max_grad_norm=1.0)
-    result = select_iterit([tmp_path / "pool.parquet"], [tmp_path / "scores.parquet"], tmp_path / "iterit",
-                           tmp_path / "weights.parquet", str(tiny_model_dir), "fp32", None, iterit, train, 0.25, 128,
-                           4096, "<|im_end|>", seed=0)
+    model = ModelSpec(str(tiny_model_dir), "fp32", None, 128)
+    result = select_iterit([tmp_path / "pool.parquet"], [tmp_path / "scores.parquet"], out_dir=tmp_path / "iterit",
+                           weights_path=tmp_path / "weights.parquet", model=model, iterit=iterit, train=train,
+                           budget=0.25, batch_tokens=4096, end_of_turn="<|im_end|>", seed=0)
     first, second = (read_shard(tmp_path / "iterit" / f"round-{r:03d}.parquet") for r in (1, 2))
     assert sum(first["selected"].to_pylist()) == 3  # k = 0.25 x 12; fewer later if live scores reach 1
     assert result["pool"] == n and result["selected"] == sum(second["selected"].to_pylist()) <= 3

@@ -92,12 +92,14 @@ def select_method(name: str, work: Path, pool, validation, scores, train_cfg, mo
                   budget: float = BUDGET) -> Path:
     out = work / "methods" / name
     weights = out / "weights.parquet"
+    spec = ModelSpec(model, DTYPE, None, MAX_SEQ_LEN)
     if name in ("bds", "bds_seal", "bds_fp32"):
-        bds.run_bds(pool, validation, out / "bds", weights, model, None, bds_config(name), train_cfg, MAX_SEQ_LEN,
-                    budget, seed, score_shards=scores)
+        bds.run_bds(pool, validation, out_dir=out / "bds", weights_path=weights, model=spec, bds=bds_config(name),
+                    lora=train_cfg, budget=budget, seed=seed, score_shards=scores)
     elif name == "iterit":
-        iterit.select_iterit(pool, scores, out / "iterit", weights, model, DTYPE, None, IterITConfig(epochs=2),
-                             train_cfg, budget, MAX_SEQ_LEN, 4096, load_tokenizer(model).eos_token or "", seed)
+        iterit.select_iterit(pool, scores, out_dir=out / "iterit", weights_path=weights, model=spec,
+                             iterit=IterITConfig(epochs=2), train=train_cfg, budget=budget, batch_tokens=4096,
+                             end_of_turn=load_tokenizer(model).eos_token or "", seed=seed)
     else:
         method, metric, order = {"full": ("full", "loss", "lowest"), "random": ("random", "loss", "lowest"),
                                  "topk_ifd": ("topk", "ifd", "highest"),

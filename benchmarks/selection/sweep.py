@@ -21,6 +21,7 @@ from run import REPO, autocast_agreement, build_data, ingest_splits, log  # noqa
 from flows.config import BDSConfig, TrainConfig  # noqa: E402
 from storage.shards import read_shard  # noqa: E402
 from tasks import bds, evaluate  # noqa: E402
+from tasks.models import ModelSpec  # noqa: E402
 
 SETTINGS = [dict(learning_rate=2e-4, warmup_epochs=0), dict(learning_rate=1e-3, warmup_epochs=0),
             dict(learning_rate=1e-3, warmup_epochs=2), dict(learning_rate=1e-3, warmup_epochs=2, autocast=False)]
@@ -66,8 +67,9 @@ def main() -> None:
         timing = out / "seconds.json"
         if not timing.exists():
             t0 = time.time()
-            bds.run_bds(shards["pool"], shards["validation"], out / "bds", out / "weights.parquet", "default", None,
-                        config, TrainConfig(), 256, 0.7, 0)
+            bds.run_bds(shards["pool"], shards["validation"], out_dir=out / "bds", weights_path=out / "weights.parquet",
+                        model=ModelSpec("default", max_seq_len=256), bds=config, lora=TrainConfig(), budget=0.7,
+                        seed=0)
             timing.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}))
         runs.append({**setting, **json.loads(timing.read_text()), **epoch_aurocs(out / "bds", config.epochs, labels)})
         log(json.dumps(runs[-1]))
