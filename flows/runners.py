@@ -30,6 +30,7 @@ from typing import Iterator
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.config import ConfigError, CurateConfig, RunnerConfig
+from tasks.precision import resolve_dtype
 
 
 def torch_threads(cfg: RunnerConfig) -> int:
@@ -109,7 +110,7 @@ def model_server(cfg: CurateConfig, log_path: Path) -> Iterator[str]:
     from tasks.vllm_server import vllm_server
 
     v = cfg.vllm
-    with vllm_server(resolve_model(cfg.model.name), cfg.model.dtype, python=str(Path(v.python).absolute()),
+    with vllm_server(resolve_model(cfg.model.name), resolve_dtype(cfg.model.dtype), python=str(Path(v.python).absolute()),
                      log_path=log_path, url=v.url, port=v.port, max_lora_rank=cfg.train.lora_r,
                      lora_target_modules=cfg.train.target_modules, tensor_parallel_size=v.tensor_parallel_size,
                      max_model_len=v.max_model_len, kvcache_space_gib=v.kvcache_space_gib,

@@ -38,6 +38,7 @@ from tasks.conversation import contexts_of
 from tasks.models import ModelSpec, model_fingerprint
 from tasks.bds_update import bds_step, model_step, sample_weights, value_function_step
 from tasks.nll import batch_nll
+from tasks.precision import resolve_autocast
 from tasks.progress import ProgressBar as tqdm  # also a Prefect progress artifact inside a run
 from tasks.score import metric_values
 from tasks.select import rank_and_select, selected_counts, weights_table
@@ -88,13 +89,14 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: 
     `model.dtype` is (bds.autocast: bf16 forwards). `train_on` "all": multi-turn rows' losses also cover their
     earlier assistant turns."""
     model_name, previous_adapter, max_seq_len = model.name, model.adapter, model.max_seq_len
+    autocast = resolve_autocast(bds.autocast)  # "auto": only where bf16 is native; recorded as resolved
     adapter_dir = out_dir / "adapter"
     epochs = [epoch_path(out_dir, e) for e in range(1, bds.epochs + 1)]
     # the checkpoint leaves the epoch count out: a run with more epochs continues from it
     checkpoint_inputs = describe_inputs([*pool_shards, *validation_shards,
                                          *(score_shards if bds.drop_unhelpful else [])],
                                         [model_fingerprint(model_name, previous_adapter)],
-                                        bds={**plain_settings(bds), "epochs": None},
+                                        bds={**plain_settings(bds), "epochs": None, "autocast": autocast},
                                         lora=[lora.lora_r, lora.lora_alpha, lora.lora_dropout, lora.target_modules],
                                         max_seq_len=max_seq_len, budget=budget, seed=seed,
                                         **({"train_on": train_on} if train_on != "last" else {}))
@@ -156,7 +158,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: 
                     val_batch = val_order[val_cursor: val_cursor + val_batch_size]
                     val_cursor += val_batch_size
                     pool_part = [encoded[i] for i in batch]
-                    with _precision(bds.autocast):
+                    with _precision(autocast):
                         per_sample = _losses(net, [val_encoded[i] for i in val_batch] + pool_part, tokenizer)
                     index = torch.as_tensor(offsets[s] + np.array(batch), dtype=torch.long)
                     val_loss, theta_losses = per_sample[: len(val_batch)].mean(), per_sample[len(val_batch):]
@@ -165,7 +167,7 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: 
 
                         def forward_u():  # u stays active until its step is done: it must require grad
                             net.set_adapter(U)
-                            with _precision(bds.autocast):
+                            with _precision(autocast):
                                 u_losses.append(_losses(net, pool_part, tokenizer))
                             return u_losses[0]
 
@@ -211,7 +213,7 @@ def _warm_up(model, val_encoded, tokenizer, optimizer, theta_params, bds, seed: 
     for _ in tqdm(range(bds.warmup_epochs), desc="bds warm-up on the validation pairs", leave=False):
         order = sorted(range(len(val_encoded)), key=lambda i: rng.random())
         for i in range(0, len(order), size):
-            with _precision(bds.autocast):
+            with _precision(autocast):
                 loss = _losses(model, [val_encoded[j] for j in order[i: i + size]], tokenizer).mean()
             model_step(loss, optimizer, theta_params, bds.max_grad_norm)
 
