@@ -129,7 +129,8 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: 
     val_batch_size = bds.validation_batch_size or bds.batch_size
     net.train()
     if start == 0 and bds.warmup_epochs:
-        _warm_up(net, val_encoded, tokenizer, optimizers["model_optimizer"], theta_params, bds, seed)
+        _warm_up(net, val_encoded, tokenizer, optimizers["model_optimizer"], theta_params, bds, seed,
+                 autocast=autocast)
     fits = np.zeros(n, dtype=bool)
     for epoch in range(start, bds.epochs):
         lam = max(bds.lambda0 - bds.lambda_decay * epoch, 0.0)
@@ -206,7 +207,8 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: 
             "adapter": str(adapter_dir), "gated": int(gated.sum())}
 
 
-def _warm_up(model, val_encoded, tokenizer, optimizer, theta_params, bds, seed: int) -> None:
+def _warm_up(model, val_encoded, tokenizer, optimizer, theta_params, bds, seed: int, *,
+             autocast: bool = False) -> None:
     """theta alone learns the validation pairs for `bds.warmup_epochs` passes; a kill repeats the warm-up."""
     rng = random.Random(seed * 1_000_003 - 1)
     size = bds.validation_batch_size or bds.batch_size
