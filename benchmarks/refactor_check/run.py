@@ -40,6 +40,10 @@ RUNS = {
     "full": dict(iterations=1, select={"method": "full"}, reweight={"method": "uniform"}),
     "random": dict(iterations=1, select={"method": "random", "budget": 0.5}, generate={"enabled": False}),
 }
+# autocast's default became "auto" (stop 25): set it as the old default was, so both sides run and store the same
+for sections in RUNS.values():
+    sections["select"] = {**sections.get("select", {}), "bds": {**sections.get("select", {}).get("bds", {}),
+                                                                "autocast": True}}
 # catalog columns: when a row was written and which Prefect run wrote it
 IGNORED = {"*.parquet": [], "catalog/runs.parquet": ["flow_run_id", "created_at", "updated_at"],
            "catalog/iterations.parquet": ["flow_run_id", "started_at", "finished_at"],
