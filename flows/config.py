@@ -232,9 +232,14 @@ class StrategyConfig(Section):
     temperature: float = Field(0.8, description="sampling temperature (0 = greedy)")
     top_p: float = Field(0.95, description="nucleus sampling mass")
     model: str = Field("", description="another generator (local dir or hub id); empty = the current model")
+    system: str = Field("", description="a system prompt, rendered through the chat template; empty = none")
+    generator: typing.Literal["current", "aligned"] = Field("current", description=(
+        "the base model with the last iteration's adapter, or with the validation-aligned adapter pi_V"))
 
     def check(self) -> Iterator[str]:
         yield from _require("{question}" in self.template, "template", "must contain {question}", self.template)
+        yield from _require(not (self.model and self.generator == "aligned"), "generator",
+                            "'aligned' is an adapter of the base model; leave `model` empty", self.model)
         yield from _require(self.temperature >= 0, "temperature", "must be >= 0 (0 = greedy)", self.temperature)
 
 
@@ -383,6 +388,11 @@ class CurateConfig(Section):
                    "'validation'")
         if self.select.method == "bds" and self.select.bds.drop_unhelpful and "ifd" not in computed:
             yield "select.bds.drop_unhelpful: the gate drops samples with IFD >= 1; add ifd to score.metrics"
+        if (self.generate.enabled and any(st.generator == "aligned" for st in self.generate.strategies)
+                and not selector.aligns and self.score.davir_reference != "validation"):
+            yield ("generate.strategies: generator 'aligned' is pi_V; with select.method "
+                   f"{self.select.method!r} that is the reference adapter, so score.davir_reference must be "
+                   "'validation'")
         if self.backend == "vllm" and any(st.model for st in self.generate.strategies):
             yield ("generate.strategies: backend vllm serves one model; a strategy with its own `model` needs "
                    "backend: hf")

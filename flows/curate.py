@@ -117,9 +117,10 @@ def _curate_run(cfg: CurateConfig, paths: RunPaths, catalog: Catalog, log, vllm_
     catalog.record_metrics(cfg.run_id, 0, "evaluate", before)
 
     reference = None
-    bmo_needs_reference = (cfg.generate.enabled and cfg.reweight.method != "uniform"
-                           and not SELECTORS[cfg.select.method].aligns)
-    if "davir" in cfg.score.metrics or bmo_needs_reference:
+    # pi_V, for BMO weights and for strategies that generate with it: the selector's own, else this reference
+    uses_pi_v = cfg.reweight.method != "uniform" or any(s.generator == "aligned" for s in cfg.generate.strategies)
+    needs_pi_v = cfg.generate.enabled and uses_pi_v and not SELECTORS[cfg.select.method].aligns
+    if "davir" in cfg.score.metrics or needs_pi_v:
         sources = list_shards(paths.split_dir("pool" if cfg.score.davir_reference == "pool" else "validation"))
         reference = str(paths.reference_adapter)
         reference_task.with_options(task_run_name=f"reference-{cfg.run_id}")(

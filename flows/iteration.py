@@ -20,13 +20,13 @@ from flows.stages import (evaluate_task, exemplars_task, generate_task, plan_tas
 from storage.catalog import Catalog
 from storage.layout import RunPaths
 from storage.shards import list_shards, read_manifest, read_shard, remove_shards_except
-from tasks.coverage import coverage_rows, selection_summary
+from tasks.coverage import coverage_rows, generation_summary, selection_summary
 from tasks.generate import SamplingParams, refined_question_ids
 from tasks.ingest import read_prompts
 from tasks.models import ModelSpec, model_fingerprint
 from tasks.score import POOL_SCORES
 from tasks.select import SELECTORS, SelectionInput
-from tasks.strategy import Strategy
+from tasks.strategy import Strategy, generator_spec
 
 
 @dataclass
@@ -194,19 +194,21 @@ def _refine(r: Round, scored: StageResult, selected: StageResult) -> StageResult
             shard_rows=r.cfg.data.shard_rows, seed=r.cfg.seed + r.iteration)
         outputs += [Output("refine", shard, [weights], "refines") for shard in refine]
         exemplars = (scored.paths("sppl_exemplars") or [None])[0]
-        chosen, compared = _choose_strategy(r, refine, exemplars)
         # pi_V of the BMO weights: the selector's validation-aligned adapter (BDS), else the reference adapter
         aligned = selected.adapter or r.reference_adapter
+        chosen, compared = _choose_strategy(r, refine, exemplars, aligned)
         outputs += compared + _generate(r, refine, chosen, aligned)
     result = StageResult(outputs)
     remove_shards_except(r.paths.generations_dir(r.iteration), result.paths("generations"))
     remove_shards_except(r.paths.generation_weights_dir(r.iteration), result.paths("generation_weights"))
     result.stats = {"responses": sum(read_manifest(p)["rows"] for p in result.paths("generations")),
-                    "questions_refined": len(refined_question_ids(result.paths("refine")))}
+                    "questions_refined": len(refined_question_ids(result.paths("refine"))),
+                    **generation_summary(result.paths("generations"), result.paths("generation_weights"))}
     return result
 
 
-def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None) -> tuple[Strategy, list[Output]]:
+def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None,
+                     aligned: str | None) -> tuple[Strategy, list[Output]]:
     """The generation strategy with the lowest self-aligned perplexity, if the config offers several."""
     g = r.cfg.generate
     if not g.strategies:
@@ -217,21 +219,24 @@ def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None) -> tu
     out = r.paths.iter_dir(r.iteration) / "strategy.parquet"
     chosen = strategy_task.with_options(task_run_name=r.task_name("choose-strategy"))(
         g.strategies, list(dict.fromkeys(questions))[: g.strategy_questions], out_path=out, model=r.model,
-        exemplars_path=exemplars, cfg=r.cfg.score, max_new_tokens=g.max_new_tokens, seed=r.cfg.seed + r.iteration)
+        exemplars_path=exemplars, cfg=r.cfg.score, max_new_tokens=g.max_new_tokens, seed=r.cfg.seed + r.iteration,
+        aligned_adapter=aligned)
     return chosen, [Output("strategy", out, [exemplars], "compared_with")]
 
 
 def _generate(r: Round, refine: list[Path], chosen: Strategy, aligned: str | None) -> list[Output]:
     """Each refinement shard: generate, then reweight once its responses exist."""
     g = r.cfg.generate
-    # the responses' generator, for their BMO ratio: another model (a strategy's own) has no adapter of ours
-    generator = r.model.with_adapter(None if chosen.model else r.previous)
+    writer = generator_spec(chosen, r.model, aligned)
+    # the responses' generator for their BMO ratio, as the base model's name with an adapter (or none, for a
+    # strategy's own model: reweight_shard loads that one by `strategy.model`)
+    generator = r.model.with_adapter(writer.adapter)
     params = SamplingParams(g.num_responses, chosen.temperature, chosen.top_p, g.max_new_tokens, g.batch_size)
     futures = []
     for index, shard in enumerate(refine):
         out = r.paths.generations_dir(r.iteration) / shard.name
         generated = generate_task.with_options(task_run_name=r.task_name("generate", shard.stem)).submit(
-            shard, out, model=r.model, params=params, batch_tokens=r.cfg.score.batch_tokens,
+            shard, out, model=writer, params=params, batch_tokens=r.cfg.score.batch_tokens,
             seed=r.cfg.seed * 1_000_003 + r.iteration * 1_009 + index * 101, iteration=r.iteration, strategy=chosen,
             vllm_url=r.vllm_url)
         w_out = r.paths.generation_weights_dir(r.iteration) / shard.name
@@ -244,7 +249,8 @@ def _generate(r: Round, refine: list[Path], chosen: Strategy, aligned: str | Non
         for stage, done in (("generated", generated.result()), ("reweighted", reweighted.result())):
             get_run_logger().info("%s %s in process %s (models loaded there so far: %d)", stage, shard.name,
                                   done["process"], done["models_loaded"])
-        outputs += [Output("generations", out, [shard] + ([r.previous] if r.previous else []), "generated_for"),
+        outputs += [Output("generations", out, [shard] + ([writer.adapter] if writer.adapter else []),
+                           "generated_for"),
                     Output("generation_weights", w_out, [out], "weighs")]
     return outputs
 

@@ -119,19 +119,21 @@ def plan_task(pool_shards, weights_path, *, out_dir, refine, fraction, shard_row
 @task(name="generate", **RETRIES)
 def generate_task(refine_shard, out_path, *, model: ModelSpec, params, batch_tokens, seed, iteration, strategy,
                   vllm_url: str = "") -> dict:
-    if strategy.model:  # another generator: its own weights, no adapter of ours
-        model = dataclasses.replace(model, name=strategy.model, adapter=None)
+    """`model`: the strategy's generator (tasks/strategy.py generator_spec)."""
     return report(generate.generate_shard(refine_shard, out_path, model=model, params=params,
                                           batch_tokens=batch_tokens, seed=seed, iteration=iteration,
-                                          producer=producer(), template=strategy.template, vllm_url=vllm_url))
+                                          producer=producer(), template=strategy.template, system=strategy.system,
+                                          strategy=strategy.name, vllm_url=vllm_url))
 
 
 @task(name="choose-strategy", **RETRIES)
-def strategy_task(strategies, questions, *, out_path, model: ModelSpec, exemplars_path, cfg, max_new_tokens, seed):
-    candidates = [strategy.Strategy(s.name, s.template, s.temperature, s.top_p, s.model) for s in strategies]
+def strategy_task(strategies, questions, *, out_path, model: ModelSpec, exemplars_path, cfg, max_new_tokens, seed,
+                  aligned_adapter=None):
+    candidates = [strategy.Strategy(**s.model_dump()) for s in strategies]
     chosen = strategy.choose_strategy(candidates, questions, out_path=out_path, model=model,
                                       exemplars_path=exemplars_path, k=cfg.sppl_k, max_new_tokens=max_new_tokens,
-                                      batch_tokens=cfg.batch_tokens, seed=seed, producer=producer())
+                                      batch_tokens=cfg.batch_tokens, seed=seed, aligned_adapter=aligned_adapter,
+                                      producer=producer())
     get_run_logger().info("generation strategy: %s", chosen.name)
     return chosen
 
@@ -142,7 +144,7 @@ def reweight_task(generation_shard, out_path, *, cfg, generator: ModelSpec, alig
     """BMO weights pi_V / pi_gen; `generator` is the model that wrote the responses (the base and its adapter)."""
     return report(reweight.reweight_shard(generation_shard, out_path, method=cfg.method, generator=generator,
                                           aligned_adapter=aligned_adapter, batch_tokens=batch_tokens,
-                                          c_max=cfg.c_max, template=strategy.template,
+                                          c_max=cfg.c_max, template=strategy.template, system=strategy.system,
                                           generator_model=strategy.model, producer=producer(), vllm_url=vllm_url))
 
 

@@ -20,13 +20,16 @@ PARQUET_VIEWS = {
     "train_sets": "runs/*/iter-*/train_set.parquet",
     "generation_weights": "runs/*/iter-*/generation_weights/shard-*.parquet",
 }
-# Which responses were regenerated for a question, by which adapter (the previous iteration's; NULL = the base
-# model), with what weight; needs both Parquet views.
+# Which responses were regenerated for a question, by which strategy and adapter (the previous iteration's; NULL =
+# the base model), with what BMO weight, and whether they replaced offline responses the selector had dropped;
+# needs both Parquet views.
 REGENERATED_VIEW = """CREATE OR REPLACE {kind} VIEW regenerated AS
-    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator,
-           prev.adapter_path AS generated_by_adapter, w.weight, w.ratio, w.method, w.reason
+    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator, {strategy},
+           prev.adapter_path AS generated_by_adapter, {replaced_dropped}, w.weight, w.ratio, w.method, w.reason
     FROM generations g JOIN generation_weights w USING (run_id, response_id)
     LEFT JOIN iterations prev ON prev.run_id = g.run_id AND prev.iteration = g.iteration - 1"""
+# generation shards written before these columns existed read as NULL
+LATER_GENERATION_COLUMNS = {"strategy": "VARCHAR", "replaced_dropped": "BOOLEAN"}
 
 
 def create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path, temporary: bool = True) -> list[str]:
@@ -43,6 +46,9 @@ def create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path, temporary: 
                     f"FROM read_parquet({literal}, filename = true, union_by_name = true)")
         created.append(name)
     if {"generations", "generation_weights"} <= set(created):
-        con.execute(REGENERATED_VIEW.format(kind=kind))
+        have = {row[0] for row in con.execute("DESCRIBE generations").fetchall()}
+        columns = {name: f"g.{name}" if name in have else f"CAST(NULL AS {sql_type}) AS {name}"
+                   for name, sql_type in LATER_GENERATION_COLUMNS.items()}
+        con.execute(REGENERATED_VIEW.format(kind=kind, **columns))
         created.append("regenerated")
     return created

@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from storage.shards import read_shard
+from tasks.evaluate import is_refusal
 
 
 def coverage_rows(pool_shards: list[Path], train_set: Path) -> list[dict]:
@@ -51,3 +52,16 @@ def selection_summary(weights_path: Path) -> dict:
             kept_weights.append(weight)
     return {"kept_share": {s: round(kept[s] / total[s], 4) for s in sorted(total)},
             "weight_range": [min(kept_weights), max(kept_weights)] if kept_weights else []}
+
+
+def generation_summary(generation_shards: list[Path], weight_shards: list[Path]) -> dict:
+    """The online round's figures: the share of regenerated responses that refuse (the phrase check of the
+    refusal rate), the Kish effective sample size of their BMO weights (n when all weigh the same), and ESS / n."""
+    if not generation_shards:
+        return {}
+    responses = [r for p in generation_shards for r in read_shard(p, columns=["response"])["response"].to_pylist()]
+    weights = [w for p in weight_shards for w in read_shard(p, columns=["weight"])["weight"].to_pylist()]
+    total, squares = sum(weights), sum(w * w for w in weights)
+    ess = total ** 2 / squares if squares else 0.0
+    return {"regenerated_refusal_share": sum(map(is_refusal, responses)) / len(responses) if responses else 0.0,
+            "bmo_ess": ess, "bmo_ess_fraction": ess / len(weights) if weights else 0.0}

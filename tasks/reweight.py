@@ -5,10 +5,11 @@
     r(q, y) = clip( exp( (log pi_V(y|q) - log pi_gen(y|q)) / |y| ), 0, c_max )
 `token`: the per-token ratio clipped at c_max, averaged over the response's tokens:
     r(q, y) = mean_t min( exp(log pi_V(y_t|q, y<t) - log pi_gen(y_t|q, y<t)), c_max )
-then w(q, y) = G r(q, y) / sum_y' r(q, y'). Both models score the response tokens (plus end-of-turn) through the same
-code in the same dtype, so equal models give ratio 1; pi_gen sees the prompt it generated from (a strategy's
-template, another generator), pi_V the plain question that training uses. Another generator model (a strategy's
-`model`) works with `sequence` only: its tokens need not line up with the model's.
+then w(q, y) = G r(q, y) / sum_y' r(q, y'). Both models score the response tokens (plus end-of-turn) through the
+same code in the same dtype, so equal models give ratio 1; pi_gen sees the prompt it generated from (a
+strategy's system prompt and template, another generator), pi_V the plain question that training uses.
+Another generator model (a strategy's `model`) works with `sequence` only: its tokens need not line up with
+the model's.
 An empty generation gets weight 0 and a reason (it stays in the shard).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from storage.inputs import describe_inputs, is_current
 from storage.shards import read_manifest, read_shard, write_shard
-from tasks.generate import apply_template
+from tasks.generate import seen_pairs
 from tasks.models import ModelSpec, load_model, load_tokenizer, model_fingerprint
 from tasks.tokens import Encoded, collate, encode_pairs, length_batches
 
@@ -83,17 +84,18 @@ UNIFORM_ONLY = ModelSpec("")  # `uniform` weights read no model
 
 def reweight_shard(generation_shard: Path, out_path: Path, *, method: str, generator: ModelSpec = UNIFORM_ONLY,
                    aligned_adapter: str | None = None, batch_tokens: int = 4096, c_max: float = 10.0,
-                   template: str = "{question}", generator_model: str = "", producer: str = "",
+                   template: str = "{question}", system: str = "", generator_model: str = "", producer: str = "",
                    vllm_url: str = "") -> dict:
-    """`generator`: the base model and the adapter that generated the shard; `generator_model`/`template`:
-    the strategy's own generator (instead of that base) and prompt. pi_V is the same base + `aligned_adapter`
-    on the plain question, the prompt training uses.
+    """`generator`: the base model and the adapter that generated the shard; `generator_model`/`template`/
+    `system`: the strategy's own generator (instead of that base), prompt template and system prompt.
+    pi_V is the same base + `aligned_adapter` on the plain question, the prompt training uses.
     `vllm_url`: both models' log-probs come from that vLLM server (one base model, two adapters)."""
     base, max_seq_len = generator.name, generator.max_seq_len
     models = [] if method == "uniform" else [model_fingerprint(generator_model or base, generator.adapter),
                                              model_fingerprint(base, aligned_adapter)]
     inputs = describe_inputs([generation_shard], models, method=method, dtype=generator.dtype,
                              max_seq_len=max_seq_len, batch_tokens=batch_tokens, c_max=c_max, template=template,
+                             **({"system": system} if system else {}),
                              **({"backend": "vllm"} if vllm_url else {}))  # hf records stay as they were
     if is_current(out_path, inputs):
         return {**read_manifest(out_path), "skipped": True}
@@ -113,12 +115,11 @@ def reweight_shard(generation_shard: Path, out_path: Path, *, method: str, gener
         questions = table["prompt"].to_pylist()
         if vllm_url:
             gen_tokens, val_tokens = _vllm_token_logprobs(vllm_url, generator, generator_model, aligned_adapter,
-                                                          questions, responses, template)
+                                                          questions, responses, template, system)
         else:
             gen_model, gen_tokenizer = load_model(generator_model or base, generator.dtype, generator.adapter,
                                                   trust_remote_code=generator.trust_remote_code)
-            seen = encode_pairs(gen_tokenizer, [apply_template(template, q) for q in questions], responses,
-                                max_seq_len)
+            seen = seen_pairs(gen_tokenizer, questions, responses, max_seq_len, template, system)
             gen_tokens = token_logprobs(gen_model, seen, gen_tokenizer.pad_token_id, batch_tokens)
             aligned, tokenizer = load_model(base, generator.dtype, aligned_adapter,
                                             trust_remote_code=generator.trust_remote_code)
@@ -136,7 +137,8 @@ def reweight_shard(generation_shard: Path, out_path: Path, *, method: str, gener
     return {**write_shard(out, out_path, producer, inputs), "skipped": False}
 
 
-def _vllm_token_logprobs(url, generator: ModelSpec, generator_model, aligned_adapter, questions, responses, template):
+def _vllm_token_logprobs(url, generator: ModelSpec, generator_model, aligned_adapter, questions, responses, template,
+                         system):
     """(pi_gen, pi_V) per-token log-probs from one vLLM server: the same pairs as the transformers branch."""
     from tasks import vllm_client
 
@@ -145,7 +147,7 @@ def _vllm_token_logprobs(url, generator: ModelSpec, generator_model, aligned_ada
                          "(use backend: hf for strategies with their own model)")
     client = vllm_client.VllmClient(url)
     tokenizer = load_tokenizer(generator.name, generator.trust_remote_code)
-    seen = encode_pairs(tokenizer, [apply_template(template, q) for q in questions], responses, generator.max_seq_len)
+    seen = seen_pairs(tokenizer, questions, responses, generator.max_seq_len, template, system)
     trained = encode_pairs(tokenizer, questions, responses, generator.max_seq_len)
     return (vllm_client.token_logprobs(client, seen, generator.adapter),
             vllm_client.token_logprobs(client, trained, aligned_adapter))

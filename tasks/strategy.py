@@ -1,13 +1,14 @@
 """Choose a response-generation strategy by self-aligned perplexity (Ren et al. 2025).
 
-Each candidate strategy (a prompt template, sampling settings and optionally another generator model)
-answers the same ~50 questions once; each answer is scored by SPPL under the target model with the same
+Each candidate strategy (a system prompt and a prompt template, sampling settings, and the generator: the current
+model, the validation-aligned adapter pi_V, or another model) answers the same ~50 questions once; each answer is scored by SPPL under the target model with the same
 exemplars per question; the strategy with the lowest mean per-sample SPPL (the paper's statistic) is used
 by online generation. The table of all candidates is kept so the choice can be audited.
 """
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,17 +28,33 @@ class Strategy:
     template: str = "{question}"  # wraps the question before the chat template
     temperature: float = 0.8
     top_p: float = 0.95
-    model: str = ""  # generator; empty = the current target model (base + latest adapter)
+    model: str = ""  # another generator model; empty = the base model with the adapter `generator` names
+    system: str = ""  # a system prompt, rendered through the chat template; empty = the template's default
+    generator: str = "current"  # "current": the base + the last iteration's adapter; "aligned": + pi_V's adapter
+
+
+def generator_spec(strategy: Strategy, model: ModelSpec, aligned_adapter: str | None) -> ModelSpec:
+    """The model that writes the strategy's responses; `model` is the iteration's (base + last adapter)."""
+    if strategy.model:  # another generator: its own weights, no adapter of ours
+        return dataclasses.replace(model, name=strategy.model, adapter=None)
+    if strategy.generator == "aligned":
+        if not aligned_adapter:
+            raise ValueError(f"generate.strategies[{strategy.name!r}]: generator 'aligned' needs a validation-aligned "
+                             "adapter: select.method bds, or a reference adapter (score.metrics davir, or reweight "
+                             "sequence/token with another selector)")
+        return model.with_adapter(aligned_adapter)
+    return model
 
 
 def strategy_sppl(strategy: Strategy, questions: list[str], *, model: ModelSpec, exemplars: list[str], k: int,
-                  max_new_tokens: int, batch_tokens: int, seed: int) -> tuple[np.ndarray, list[str]]:
+                  max_new_tokens: int, batch_tokens: int, seed: int,
+                  aligned_adapter: str | None = None) -> tuple[np.ndarray, list[str]]:
     """The strategy's answers to `questions` and their SPPL under the target `model`."""
-    generator, tokenizer = load_model(strategy.model or model.name, model.dtype,
-                                      None if strategy.model else model.adapter,
-                                      trust_remote_code=model.trust_remote_code)
+    spec = generator_spec(strategy, model, aligned_adapter)
+    generator, tokenizer = load_model(spec.name, spec.dtype, spec.adapter, trust_remote_code=spec.trust_remote_code)
     params = SamplingParams(1, strategy.temperature, strategy.top_p, max_new_tokens, batch_size=8)
-    responses = [g[0] for g in sample_responses(generator, tokenizer, questions, params, seed, strategy.template)]
+    responses = [g[0] for g in sample_responses(generator, tokenizer, questions, params, seed, strategy.template,
+                                                strategy.system)]
     scores = compute_scores(model, questions, responses=responses, metrics=["loss", "sppl"],
                             batch_tokens=batch_tokens, exemplars=exemplars, sppl_k=k)
     return scores["sppl"], responses
@@ -45,10 +62,13 @@ def strategy_sppl(strategy: Strategy, questions: list[str], *, model: ModelSpec,
 
 def choose_strategy(strategies: list[Strategy], questions: list[str], *, out_path: Path, model: ModelSpec,
                     exemplars_path: Path, k: int, max_new_tokens: int, batch_tokens: int, seed: int,
-                    producer: str = "") -> Strategy:
-    """Score every strategy under the target `model`, write the comparison table, return the chosen strategy."""
+                    aligned_adapter: str | None = None, producer: str = "") -> Strategy:
+    """Score every strategy under the target `model`, write the comparison table, return the chosen strategy.
+    `aligned_adapter`: pi_V's adapter, the generator of strategies with generator 'aligned'."""
     by_name = {s.name: s for s in strategies}
     generators = [model_fingerprint(s.model) for s in strategies if s.model]
+    if any(s.generator == "aligned" and not s.model for s in strategies):
+        generators.append(model_fingerprint(model.name, aligned_adapter))
     inputs = describe_inputs([exemplars_path], [model_fingerprint(model.name, model.adapter), *generators],
                              strategies=strategies, questions=texts_digest(questions), dtype=model.dtype, k=k,
                              max_seq_len=model.max_seq_len, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
@@ -58,9 +78,11 @@ def choose_strategy(strategies: list[Strategy], questions: list[str], *, out_pat
         rows = []
         for strategy in strategies:
             values, _ = strategy_sppl(strategy, questions, model=model, exemplars=exemplars, k=k,
-                                      max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, seed=seed)
+                                      max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, seed=seed,
+                                      aligned_adapter=aligned_adapter)
             finite = values[np.isfinite(values)]
-            rows.append({"strategy": strategy.name, "questions": len(questions), "scored": len(finite),
+            rows.append({"strategy": strategy.name, "generator": strategy.model or strategy.generator,
+                         "system_prompt": bool(strategy.system), "questions": len(questions), "scored": len(finite),
                          "mean_sppl": float(finite.mean()) if len(finite) else math.nan,
                          "median_sppl": float(np.median(finite)) if len(finite) else math.nan})
         best = min(rows, key=lambda r: (math.isnan(r["mean_sppl"]), r["mean_sppl"]))["strategy"]

@@ -58,6 +58,11 @@ def test_defaults_fill_in_and_single_source_becomes_a_list(tmp_path):
     ({"select__bds__validation_tokens": -1}, "select.bds.validation_tokens: must be >= 0 (0 = all), got -1"),
     ({"select__bds__value_function": "yes"}, "select.bds.value_function: expected bool, got str 'yes'"),
     ({"train__mix_validation": 1}, "train.mix_validation: expected bool, got int 1"),
+    ({"generate__strategies": [{"name": "pv", "generator": "aligned", "model": "other"}]},
+     "generator: 'aligned' is an adapter of the base model; leave `model` empty"),
+    ({"select__method": "topk", "score__davir_reference": "pool", "reweight__method": "uniform",
+      "generate__strategies": [{"name": "pv", "generator": "aligned"}]},
+     "generate.strategies: generator 'aligned' is pi_V; with select.method 'topk' that is the reference adapter"),
 ])
 def test_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as info:
