@@ -1,28 +1,55 @@
-"""python benchmarks/online/table.py benchmarks/online/results.json  -> the README's Markdown table."""
+"""python benchmarks/online/table.py benchmarks/online/results.json  -> the README's Markdown tables."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
 
+def cell(m: dict, digits: int = 3) -> str:
+    if m["n"] == 0 or math.isnan(m["mean"]):
+        return "n/a"
+    se = "" if math.isnan(m["se"]) else f" ± {m['se']:.{digits}f}"
+    return f"{m['mean']:.{digits}f}{se}"
+
+
 def main(path: Path) -> None:
     r = json.loads(path.read_text())
-    print(f"G={r['G']} responses for the {r['fraction']:.0%} lowest-weight questions, temperature "
-          f"{r['temperature']}, top_p {r['top_p']}, {r['max_new_tokens']} new tokens, {r['rounds']} rounds; "
-          f"{r['date']}; total {r['total_seconds'] / 60:.0f} min.\n")
-    print("| setting | round | coverage | refusal rate | benign test loss | validation loss | responses (weight 0) "
-          "| max weight |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    s = r["summary"]
+    print(f"G={r['G']} responses for the {r['fraction']:.0%} lowest-weight questions, temperature {r['temperature']}, "
+          f"top_p {r['top_p']}, {r['max_new_tokens']} new tokens, strategies {', '.join(r['strategies'])} "
+          f"(chosen by SPPL on {r['strategy_questions']} questions); {r['date']}; seeds {', '.join(r['seeds'])}; "
+          "mean ± standard error over seeds.\n")
+    print("| setting | round | seeds | coverage | refusal rate | benign test loss | validation loss | regenerated "
+          "that refuse (harmful qs) | BMO ESS / n | strategy chosen |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, key in (("direct mixing (`full`)", "direct_mixing"), ("offline BDS", "offline_bds")):
-        m = r[key]
-        print(f"| {name} | | {m['coverage']:.3f} | {m['refusal_rate']:.2f} | {m['test_loss']:.4f} | "
-              f"{m['validation_loss']:.4f} | | |")
-    for method, rounds in r["online"].items():
+        m = s["offline"][key]
+        print(f"| {name} | | {m['coverage']['n']} | {cell(m['coverage'])} | {cell(m['refusal_rate'])} | "
+              f"{cell(m['test_loss'], 4)} | {cell(m['validation_loss'], 4)} | | | |")
+    for method, rounds in s["online"].items():
         for m in rounds:
-            print(f"| BDS + online, `{method}` weights | {m['round']} | {m['coverage']:.3f} | {m['refusal_rate']:.2f} | "
-                  f"{m['test_loss']:.4f} | {m['validation_loss']:.4f} | {m['responses']} ({m['responses_weight_zero']}) "
-                  f"| {m['max_weight']:.2f} |")
+            print(f"| BDS + online, `{method}` | {m['round']} | {len(m['seeds'])} | {cell(m['coverage'])} | "
+                  f"{cell(m['refusal_rate'])} | {cell(m['test_loss'], 4)} | {cell(m['validation_loss'], 4)} | "
+                  f"{cell(m['regenerated_refusal_share'])} ({cell(m['harmful_regenerated_refusal_share'])}) | "
+                  f"{cell(m['bmo_ess_fraction'])} | {', '.join(m['strategies_chosen'])} |")
+    print("\nOnline minus offline BDS, paired by seed:\n")
+    print("| weights | round | refusal rate | benign test loss |")
+    print("|---|---:|---:|---:|")
+    for method, rounds in s["online"].items():
+        for m in rounds:
+            print(f"| `{method}` | {m['round']} | {cell(m['refusal_rate_minus_offline_bds'])} | "
+                  f"{cell(m['test_loss_minus_offline_bds'], 4)} |")
+    print("\nMean SPPL of each strategy (per seed and round; lower = chosen):\n")
+    names = r["strategies"]
+    print("| seed | weights | round | " + " | ".join(names) + " |")
+    print("|---:|---|---:|" + "---:|" * len(names))
+    for seed, entry in sorted(r["seeds"].items()):
+        for method, rounds in entry["online"].items():
+            for m in rounds:
+                print(f"| {seed} | `{method}` | {m['round']} | "
+                      + " | ".join(f"{m['strategy_sppl'][n]:.2f}" for n in names) + " |")
 
 
 if __name__ == "__main__":
