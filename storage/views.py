@@ -1,5 +1,5 @@
 """Parquet-backed views over every run under a catalog's root: scores, pool, generations, train_sets,
-generation_weights and regenerated.
+generation_weights, strategies (each iteration's SPPL comparison of the generation strategies) and regenerated.
 
 Two copies of the same SQL. `curate sql` and `connect()` create TEMP views per read-only session, so they see
 the files there are now, under the root where the catalog is now. The flow also stores them in catalog.duckdb
@@ -19,7 +19,11 @@ PARQUET_VIEWS = {
     "generations": "runs/*/iter-*/generations/shard-*.parquet",
     "train_sets": "runs/*/iter-*/train_set.parquet",
     "generation_weights": "runs/*/iter-*/generation_weights/shard-*.parquet",
+    "strategies": "runs/*/iter-*/strategy.parquet",
 }
+# the strategy table does not name its iteration; its directory does
+ITERATION_FROM_PATH = {
+    "strategies": ", CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration"}
 # Which responses were regenerated for a question, by which strategy and adapter (the previous iteration's; NULL =
 # the base model), with what BMO weight, and whether they replaced offline responses the selector had dropped;
 # needs both Parquet views.
@@ -42,7 +46,7 @@ def create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path, temporary: 
         # DDL takes no bound parameters; the path is our own root, quoted as a SQL string literal.
         literal = "'" + str(root / pattern).replace("'", "''") + "'"
         con.execute(f"CREATE OR REPLACE {kind} VIEW {name} AS SELECT *, "
-                    f"regexp_extract(filename, '/runs/([^/]+)/', 1) AS run_id "
+                    f"regexp_extract(filename, '/runs/([^/]+)/', 1) AS run_id{ITERATION_FROM_PATH.get(name, '')} "
                     f"FROM read_parquet({literal}, filename = true, union_by_name = true)")
         created.append(name)
     if {"generations", "generation_weights"} <= set(created):

@@ -120,3 +120,13 @@ def test_regenerated_view_reads_null_strategy_from_shards_written_before_the_col
     con.execute("create table iterations (run_id varchar, iteration int, adapter_path varchar)")
     assert "regenerated" in create_parquet_views(con, root)
     assert con.execute("select strategy, replaced_dropped, weight from regenerated").fetchall() == [(None, None, 1.0)]
+
+
+def test_strategies_view_names_each_comparisons_run_and_iteration(tmp_path):
+    table = pa.table({"strategy": ["current", "system_prompt"], "generator": ["current", "current"],
+                      "system_prompt": [False, True], "mean_sppl": [9.5, 9.8], "chosen": [True, False]})
+    write_shard(table, tmp_path / "runs" / "r1" / "iter-002" / "strategy.parquet")
+    con = duckdb.connect()
+    assert "strategies" in create_parquet_views(con, tmp_path)
+    assert con.execute("select run_id, iteration, strategy from strategies where chosen").fetchall() == [
+        ("r1", 2, "current")]
