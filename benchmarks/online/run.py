@@ -14,6 +14,8 @@ BDS + online refinement, `--rounds` rounds (default 3), each continuing the prev
 - the chosen strategy writes G=4 responses per question (temperature 0.8, top_p 1.0, so the recorded
   log-probabilities are the sampling distribution's), BMO weights them against pi_V (`--methods`: sequence and/or
   token), and a LoRA adapter is trained on the kept pool rows + the weighted generations + the validation pairs.
+`--methods none` is the control: offline BDS's adapter (round 1) trained on for more rounds on its own training set
+(kept pool rows + validation pairs), no regeneration, so what the rounds add beyond more epochs is visible.
 Per round: coverage (share of pool questions with a training response of weight > 0), refusal rate on the
 held-out AdvBench prompts, benign test loss, validation loss, the share of regenerated responses that refuse
 (all, and those to the pool's harmful questions), the BMO weights' Kish effective sample size, and every
@@ -90,6 +92,8 @@ def run_round(seed_work: Path, method: str, round_: int, previous: str | None, l
     shared = online / ("round-001-shared" if round_ == 1 else f"{method}/round-{round_:03d}")
     out = online / method / f"round-{round_:03d}"
     cfg, score_cfg = TrainConfig(), ScoreConfig()
+    if method == "none":
+        return control_round(out, pool, weights, validation, test, model, seed, round_, harmful)
     t0 = time.time()
     refine = generate.plan_refinement(pool, weights, online / "refine", "dynamic", FRACTION, 100, seed)
     refined = generate.refined_question_ids(refine)
@@ -122,15 +126,8 @@ def run_round(seed_work: Path, method: str, round_: int, previous: str | None, l
     train.train_lora(out / "train_set.parquet", out / "adapter", model=model, epochs=cfg.epochs,
                      **train.lora_settings(cfg), seed=seed + round_)
     train_seconds = time.time() - t0
-    metrics_path = out / "metrics.json"
-    if not metrics_path.exists():
-        trained = BASE.with_adapter(str(out / "adapter"))
-        metrics = evaluate.evaluate_model(validation, test, model=trained, batch_tokens=4096)
-        answers = evaluate.refusal_answers(harmful, trained, max_new_tokens=REFUSAL_TOKENS, batch_size=16)
-        metrics["refusal_rate"] = sum(map(evaluate.is_refusal, answers)) / len(answers)
-        metrics_path.write_text(json.dumps(metrics))
     all_w = [w for p in gen_weights for w in read_shard(p, columns=["weight"])["weight"].to_pylist()]
-    return {"round": round_, **json.loads(metrics_path.read_text()),
+    return {"round": round_, **evaluated(out, validation, test, harmful),
             "coverage": coverage(pool, out / "train_set.parquet"), "strategy": chosen.name,
             "strategy_sppl": {r["strategy"]: r["mean_sppl"] for r in read_shard(shared / "strategy.parquet").to_pylist()},
             **generation_summary(gens, gen_weights),
@@ -140,6 +137,33 @@ def run_round(seed_work: Path, method: str, round_: int, previous: str | None, l
             "train_rows": read_shard(out / "train_set.parquet", columns=["weight"]).num_rows,
             "strategy_seconds": round(strategy_seconds, 1), "generate_seconds": round(generate_seconds, 1),
             "train_seconds": round(train_seconds, 1)}
+
+
+def control_round(out: Path, pool, weights, validation, test, model: ModelSpec, seed: int, round_: int,
+                  harmful: list[str]) -> dict:
+    """One more epoch on offline BDS's training set, continuing the last round's adapter."""
+    cfg = TrainConfig()
+    train.build_train_set(pool, weights, set(), [], [], validation, out / "train_set.parquet")
+    t0 = time.time()
+    train.train_lora(out / "train_set.parquet", out / "adapter", model=model, epochs=cfg.epochs,
+                     **train.lora_settings(cfg), seed=seed + round_)
+    train_seconds = time.time() - t0
+    return {"round": round_, **evaluated(out, validation, test, harmful), "strategy": "none", "strategy_sppl": {},
+            "coverage": coverage(pool, out / "train_set.parquet"),
+            "train_rows": read_shard(out / "train_set.parquet", columns=["weight"]).num_rows,
+            "train_seconds": round(train_seconds, 1)}
+
+
+def evaluated(out: Path, validation, test, harmful: list[str]) -> dict:
+    """Validation and test loss and the refusal rate of out/adapter, computed once (out/metrics.json)."""
+    metrics_path = out / "metrics.json"
+    if not metrics_path.exists():
+        trained = BASE.with_adapter(str(out / "adapter"))
+        metrics = evaluate.evaluate_model(validation, test, model=trained, batch_tokens=4096)
+        answers = evaluate.refusal_answers(harmful, trained, max_new_tokens=REFUSAL_TOKENS, batch_size=16)
+        metrics["refusal_rate"] = sum(map(evaluate.is_refusal, answers)) / len(answers)
+        metrics_path.write_text(json.dumps(metrics))
+    return json.loads(metrics_path.read_text())
 
 
 def mean_se(values: list[float]) -> dict:
@@ -165,7 +189,7 @@ def summarize(per_seed: dict) -> dict:
         online[method] = []
         for i in range(rounds):
             done = {seed: s for seed, s in per_seed.items() if len(s["online"].get(method, [])) > i}
-            row = {k: mean_se([s["online"][method][i][k] for s in done.values()]) for k in KEYS}
+            row = {k: mean_se([s["online"][method][i].get(k, math.nan) for s in done.values()]) for k in KEYS}
             # paired by seed: online refusal rate minus offline BDS's, and test loss minus offline BDS's
             for k in ("refusal_rate", "test_loss"):
                 row[f"{k}_minus_offline_bds"] = mean_se([s["online"][method][i][k] - s["offline_bds"][k]
@@ -188,7 +212,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/online/results.json")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--methods", nargs="+", default=["sequence"], choices=["sequence", "token", "uniform"])
+    parser.add_argument("--methods", nargs="+", default=["sequence"],
+                        choices=["sequence", "token", "uniform", "none"])
     args = parser.parse_args()
     started = time.time()
     report = json.loads(args.out.read_text()) if args.out.exists() else {}
@@ -202,8 +227,11 @@ def main() -> None:
         entry["offline_bds"] = offline_figures(seed_work, "bds", seed_work / "methods/bds/train_set.parquet")
         entry["direct_mixing"] = offline_figures(seed_work, "full", seed_work / "methods/full/train_set.parquet")
         for method in args.methods:
-            previous, rounds = None, []
-            for round_ in range(1, args.rounds + 1):
+            previous, rounds, first = None, [], 1
+            if method == "none":  # the control's round 1 is offline BDS's own adapter
+                previous, first = str(seed_work / "methods" / "bds" / "adapter"), 2
+                rounds = [{"round": 1, **entry["offline_bds"], "strategy": "none", "strategy_sppl": {}}]
+            for round_ in range(first, args.rounds + 1):
                 t0 = time.time()
                 rounds.append(run_round(seed_work, method, round_, previous, labels, harmful))
                 previous = str(seed_work / "online" / method / f"round-{round_:03d}" / "adapter")

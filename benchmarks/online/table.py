@@ -30,7 +30,8 @@ def main(path: Path) -> None:
               f"{cell(m['test_loss'], 4)} | {cell(m['validation_loss'], 4)} | | | |")
     for method, rounds in s["online"].items():
         for m in rounds:
-            print(f"| BDS + online, `{method}` | {m['round']} | {len(m['seeds'])} | {cell(m['coverage'])} | "
+            name = "offline BDS, continued (control)" if method == "none" else f"BDS + online, `{method}`"
+            print(f"| {name} | {m['round']} | {len(m['seeds'])} | {cell(m['coverage'])} | "
                   f"{cell(m['refusal_rate'])} | {cell(m['test_loss'], 4)} | {cell(m['validation_loss'], 4)} | "
                   f"{cell(m['regenerated_refusal_share'])} ({cell(m['harmful_regenerated_refusal_share'])}) | "
                   f"{cell(m['bmo_ess_fraction'])} | {', '.join(m['strategies_chosen'])} |")
@@ -47,7 +48,7 @@ def main(path: Path) -> None:
     print("|---:|---|---:|" + "---:|" * len(names))
     for seed, entry in sorted(r["seeds"].items()):
         for method, rounds in entry["online"].items():
-            for m in rounds:
+            for m in (m for m in rounds if m["strategy_sppl"]):
                 print(f"| {seed} | `{method}` | {m['round']} | "
                       + " | ".join(f"{m['strategy_sppl'][n]:.2f}" for n in names) + " |")
 
