@@ -194,6 +194,11 @@ def summarize(per_seed: dict) -> dict:
             for k in ("refusal_rate", "test_loss"):
                 row[f"{k}_minus_offline_bds"] = mean_se([s["online"][method][i][k] - s["offline_bds"][k]
                                                          for s in done.values()])
+            # and minus the control's same round (offline BDS trained on as long), where both ran
+            paired = [s for s in done.values() if method != "none" and len(s["online"].get("none", [])) > i]
+            for k in ("refusal_rate", "test_loss"):
+                row[f"{k}_minus_control"] = mean_se([s["online"][method][i][k] - s["online"]["none"][i][k]
+                                                     for s in paired])
             row["strategies_chosen"] = [s["online"][method][i]["strategy"] for s in done.values()]
             online[method].append({"round": i + 1, "seeds": sorted(done), **row})
     return {"offline": offline, "online": online}

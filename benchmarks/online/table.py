@@ -35,13 +35,16 @@ def main(path: Path) -> None:
                   f"{cell(m['refusal_rate'])} | {cell(m['test_loss'], 4)} | {cell(m['validation_loss'], 4)} | "
                   f"{cell(m['regenerated_refusal_share'])} ({cell(m['harmful_regenerated_refusal_share'])}) | "
                   f"{cell(m['bmo_ess_fraction'])} | {', '.join(m['strategies_chosen'])} |")
-    print("\nOnline minus offline BDS, paired by seed:\n")
-    print("| weights | round | refusal rate | benign test loss |")
-    print("|---|---:|---:|---:|")
+    print("\nMinus offline BDS, and online minus the control's same round, paired by seed:\n")
+    print("| setting | round | refusal rate − offline BDS | test loss − offline BDS | refusal rate − control "
+          "| test loss − control |")
+    print("|---|---:|---:|---:|---:|---:|")
     for method, rounds in s["online"].items():
         for m in rounds:
-            print(f"| `{method}` | {m['round']} | {cell(m['refusal_rate_minus_offline_bds'])} | "
-                  f"{cell(m['test_loss_minus_offline_bds'], 4)} |")
+            name = "control" if method == "none" else f"online, `{method}`"
+            print(f"| {name} | {m['round']} | {cell(m['refusal_rate_minus_offline_bds'])} | "
+                  f"{cell(m['test_loss_minus_offline_bds'], 4)} | {cell(m['refusal_rate_minus_control'])} | "
+                  f"{cell(m['test_loss_minus_control'], 4)} |")
     print("\nMean SPPL of each strategy (per seed and round; lower = chosen):\n")
     names = r["strategies"]
     print("| seed | weights | round | " + " | ".join(names) + " |")
