@@ -119,6 +119,10 @@ def test_every_metric_and_a_strategy_choice_run_in_the_flow(prefect_harness, tin
     assert directory_is_complete(run / "reference" / "adapter")
     strategy = read_shard(run / "iter-001" / "strategy.parquet").to_pylist()
     assert [r["strategy"] for r in strategy] == ["plain", "brief"] and sum(r["chosen"] for r in strategy) == 1
+    # the catalog: the comparison per iteration, and every regenerated response names the chosen strategy
+    _, chosen = query_read_only(Path(summary["catalog"]), "select iteration, strategy from strategies where chosen")
+    _, used = query_read_only(Path(summary["catalog"]), "select distinct strategy from regenerated")
+    assert len(chosen) == 1 and chosen[0][0] == 1 and used == [(chosen[0][1],)]
     _, lowest = query_read_only(Path(summary["catalog"]), """
         select s.sample_id, s.value, p.prompt from scores s join pool p using (run_id, sample_id)
         where s.run_id = 'metrics' and s.metric = 'ifd' and isfinite(s.value) order by s.value limit 10""")
