@@ -253,10 +253,12 @@ class GenerateConfig(Section):
     top_p: float = Field(0.95, description="nucleus sampling mass")
     max_new_tokens: int = Field(64, description="length cap of each response")
     batch_size: int = Field(8, description="questions per generation batch")
-    # candidate strategies; when given, the one with the lowest self-aligned perplexity generates
+    # candidate strategies; when given, the one with the lowest self-aligned perplexity (or `choose_by`) generates
     strategies: list[StrategyConfig] = Field(default_factory=list, description=(
-        "candidate generators; the one with the lowest self-aligned perplexity generates"))
+        "candidate generators; the one chosen by `choose_by` generates"))
     strategy_questions: int = Field(50, description="questions each candidate answers for the comparison")
+    choose_by: typing.Literal["sppl", "validation_loss"] = Field("sppl", description=(
+        "the strategy chosen: lowest self-aligned perplexity, or lowest loss of its answers under pi_V"))
 
     def check(self) -> Iterator[str]:
         names = [s.name for s in self.strategies]
@@ -393,6 +395,11 @@ class CurateConfig(Section):
             yield ("generate.strategies: generator 'aligned' is pi_V; with select.method "
                    f"{self.select.method!r} that is the reference adapter, so score.davir_reference must be "
                    "'validation'")
+        if (self.generate.enabled and self.generate.strategies and self.generate.choose_by == "validation_loss"
+                and not selector.aligns and self.score.davir_reference != "validation"):
+            yield ("generate.choose_by: 'validation_loss' scores the strategies' answers under pi_V; with "
+                   f"select.method {self.select.method!r} that is the reference adapter, so "
+                   "score.davir_reference must be 'validation'")
         if self.backend == "vllm" and any(st.model for st in self.generate.strategies):
             yield ("generate.strategies: backend vllm serves one model; a strategy with its own `model` needs "
                    "backend: hf")

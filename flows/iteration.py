@@ -209,7 +209,7 @@ def _refine(r: Round, scored: StageResult, selected: StageResult) -> StageResult
 
 def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None,
                      aligned: str | None) -> tuple[Strategy, list[Output]]:
-    """The generation strategy with the lowest self-aligned perplexity, if the config offers several."""
+    """The generation strategy `generate.choose_by` prefers, if the config offers several."""
     g = r.cfg.generate
     if not g.strategies:
         return Strategy("default", "{question}", g.temperature, g.top_p), []
@@ -220,7 +220,7 @@ def _choose_strategy(r: Round, refine: list[Path], exemplars: Path | None,
     chosen = strategy_task.with_options(task_run_name=r.task_name("choose-strategy"))(
         g.strategies, list(dict.fromkeys(questions))[: g.strategy_questions], out_path=out, model=r.model,
         exemplars_path=exemplars, cfg=r.cfg.score, max_new_tokens=g.max_new_tokens, seed=r.cfg.seed + r.iteration,
-        aligned_adapter=aligned)
+        aligned_adapter=aligned, choose_by=g.choose_by)
     return chosen, [Output("strategy", out, [exemplars], "compared_with")]
 
 

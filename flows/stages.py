@@ -128,12 +128,12 @@ def generate_task(refine_shard, out_path, *, model: ModelSpec, params, batch_tok
 
 @task(name="choose-strategy", **RETRIES)
 def strategy_task(strategies, questions, *, out_path, model: ModelSpec, exemplars_path, cfg, max_new_tokens, seed,
-                  aligned_adapter=None):
+                  aligned_adapter=None, choose_by="sppl"):
     candidates = [strategy.Strategy(**s.model_dump()) for s in strategies]
     chosen = strategy.choose_strategy(candidates, questions, out_path=out_path, model=model,
                                       exemplars_path=exemplars_path, k=cfg.sppl_k, max_new_tokens=max_new_tokens,
                                       batch_tokens=cfg.batch_tokens, seed=seed, aligned_adapter=aligned_adapter,
-                                      producer=producer())
+                                      producer=producer(), choose_by=choose_by)
     get_run_logger().info("generation strategy: %s", chosen.name)
     return chosen
 

@@ -3,7 +3,10 @@
 Each candidate strategy (a system prompt and a prompt template, sampling settings, and the generator: the current
 model, the validation-aligned adapter pi_V, or another model) answers the same ~50 questions once; each answer is scored by SPPL under the target model with the same
 exemplars per question; the strategy with the lowest mean per-sample SPPL (the paper's statistic) is used
-by online generation. The table of all candidates is kept so the choice can be audited.
+by online generation. `choose_by="validation_loss"` chooses instead by the mean per-token loss of the answers
+under pi_V, the validation-aligned adapter: the answers the validation set endorses, which are also the ones BMO's
+ratio pi_V / pi_gen weighs least unevenly. When pi_V is known the table has both statistics, whichever chooses,
+so the choice can be audited.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ def generator_spec(strategy: Strategy, model: ModelSpec, aligned_adapter: str | 
     return model
 
 
+CHOICE_COLUMNS = {"sppl": "mean_sppl", "validation_loss": "mean_validation_loss"}  # choose_by -> the column minimized
+
+
 def strategy_sppl(strategy: Strategy, questions: list[str], *, model: ModelSpec, exemplars: list[str], k: int,
                   max_new_tokens: int, batch_tokens: int, seed: int,
                   aligned_adapter: str | None = None) -> tuple[np.ndarray, list[str]]:
@@ -60,32 +66,58 @@ def strategy_sppl(strategy: Strategy, questions: list[str], *, model: ModelSpec,
     return scores["sppl"], responses
 
 
+def validation_loss(questions: list[str], responses: list[str], *, model: ModelSpec, aligned_adapter: str,
+                    batch_tokens: int) -> np.ndarray:
+    """Each answer's mean per-token loss under pi_V, on the plain question (as training and BMO's pi_V see it)."""
+    return compute_scores(model.with_adapter(aligned_adapter), questions, responses=responses, metrics=["loss"],
+                          batch_tokens=batch_tokens)["loss"]
+
+
+def _finite_stats(values: np.ndarray) -> tuple[int, float, float]:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return 0, math.nan, math.nan
+    return len(finite), float(finite.mean()), float(np.median(finite))
+
+
 def choose_strategy(strategies: list[Strategy], questions: list[str], *, out_path: Path, model: ModelSpec,
                     exemplars_path: Path, k: int, max_new_tokens: int, batch_tokens: int, seed: int,
-                    aligned_adapter: str | None = None, producer: str = "") -> Strategy:
+                    aligned_adapter: str | None = None, producer: str = "", choose_by: str = "sppl") -> Strategy:
     """Score every strategy under the target `model`, write the comparison table, return the chosen strategy.
-    `aligned_adapter`: pi_V's adapter, the generator of strategies with generator 'aligned'."""
+    `aligned_adapter`: pi_V's adapter, the generator of strategies with generator 'aligned' and the judge of
+    `choose_by="validation_loss"`."""
+    if choose_by not in CHOICE_COLUMNS:
+        raise ValueError(f"choose_by must be one of {sorted(CHOICE_COLUMNS)}, got {choose_by!r}")
+    if choose_by == "validation_loss" and not aligned_adapter:
+        raise ValueError("generate.choose_by 'validation_loss' scores the answers under pi_V, and there is none: "
+                         "use select.method bds, or a reference adapter (score.davir_reference: validation)")
     by_name = {s.name: s for s in strategies}
     generators = [model_fingerprint(s.model) for s in strategies if s.model]
     if any(s.generator == "aligned" and not s.model for s in strategies):
         generators.append(model_fingerprint(model.name, aligned_adapter))
+    judge = model_fingerprint(model.name, aligned_adapter) if aligned_adapter else ""  # pi_V, for its loss column
     inputs = describe_inputs([exemplars_path], [model_fingerprint(model.name, model.adapter), *generators],
                              strategies=strategies, questions=texts_digest(questions), dtype=model.dtype, k=k,
                              max_seq_len=model.max_seq_len, max_new_tokens=max_new_tokens, batch_tokens=batch_tokens,
-                             seed=seed)
+                             seed=seed, choose_by=choose_by, judge=judge)
     if not is_current(out_path, inputs):
         exemplars = read_shard(exemplars_path)["response"].to_pylist()
         rows = []
         for strategy in strategies:
-            values, _ = strategy_sppl(strategy, questions, model=model, exemplars=exemplars, k=k,
-                                      max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, seed=seed,
-                                      aligned_adapter=aligned_adapter)
-            finite = values[np.isfinite(values)]
-            rows.append({"strategy": strategy.name, "generator": strategy.model or strategy.generator,
-                         "system_prompt": bool(strategy.system), "questions": len(questions), "scored": len(finite),
-                         "mean_sppl": float(finite.mean()) if len(finite) else math.nan,
-                         "median_sppl": float(np.median(finite)) if len(finite) else math.nan})
-        best = min(rows, key=lambda r: (math.isnan(r["mean_sppl"]), r["mean_sppl"]))["strategy"]
+            values, responses = strategy_sppl(strategy, questions, model=model, exemplars=exemplars, k=k,
+                                              max_new_tokens=max_new_tokens, batch_tokens=batch_tokens, seed=seed,
+                                              aligned_adapter=aligned_adapter)
+            scored, mean_sppl, median_sppl = _finite_stats(values)
+            row = {"strategy": strategy.name, "generator": strategy.model or strategy.generator,
+                   "system_prompt": bool(strategy.system), "questions": len(questions), "scored": scored,
+                   "mean_sppl": mean_sppl, "median_sppl": median_sppl}
+            if aligned_adapter:
+                losses = validation_loss(questions, responses, model=model, aligned_adapter=aligned_adapter,
+                                         batch_tokens=batch_tokens)
+                row["mean_validation_loss"] = _finite_stats(losses)[1]
+            rows.append(row)
+        column = CHOICE_COLUMNS[choose_by]
+        best = min(rows, key=lambda r: (math.isnan(r[column]), r[column]))["strategy"]
         for row in rows:
             row["chosen"] = row["strategy"] == best
         write_shard(pa.Table.from_pylist(rows), out_path, producer, inputs)

@@ -63,6 +63,10 @@ def test_defaults_fill_in_and_single_source_becomes_a_list(tmp_path):
     ({"select__method": "topk", "score__davir_reference": "pool", "reweight__method": "uniform",
       "generate__strategies": [{"name": "pv", "generator": "aligned"}]},
      "generate.strategies: generator 'aligned' is pi_V; with select.method 'topk' that is the reference adapter"),
+    ({"select__method": "topk", "score__davir_reference": "pool", "reweight__method": "uniform",
+      "generate__choose_by": "validation_loss", "generate__strategies": [{"name": "a"}, {"name": "b"}]},
+     "generate.choose_by: 'validation_loss' scores the strategies' answers under pi_V; with select.method 'topk'"),
+    ({"generate__choose_by": "vloss"}, "generate.choose_by"),
 ])
 def test_errors_name_the_field(changes, message):
     with pytest.raises(ConfigError) as info:

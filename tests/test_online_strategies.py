@@ -12,7 +12,7 @@ from tasks.coverage import generation_summary
 from tasks.generate import SamplingParams, generate_shard, plan_refinement, prompt_ids, sample_responses
 from tasks.models import ModelSpec, load_model, load_tokenizer
 from tasks.reweight import reweight_shard
-from tasks.strategy import Strategy, generator_spec, strategy_sppl
+from tasks.strategy import Strategy, choose_strategy, generator_spec, strategy_sppl, validation_loss
 from tasks.train import train_lora
 
 SAFETY = "You refuse harmful requests."
@@ -130,3 +130,35 @@ def test_strategies_view_names_each_comparisons_run_and_iteration(tmp_path):
     assert "strategies" in create_parquet_views(con, tmp_path)
     assert con.execute("select run_id, iteration, strategy from strategies where chosen").fetchall() == [
         ("r1", 2, "current")]
+
+
+def test_choose_by_validation_loss_picks_the_strategy_whose_answers_pi_v_endorses(tmp_path, tiny_model_dir):
+    """pi_V has learned one answer; the current (untrained) model's samples are noise to it, pi_V's own greedy
+    answers are what it expects: by pi_V's loss `aligned` wins, and each row's loss is pi_V's on those answers."""
+    model = ModelSpec(str(tiny_model_dir), "fp32", None, 128)
+    write_shard(pa.table({"prompt": [QUESTION] * 4, "response": ["Paris is the capital."] * 4,
+                          "weight": [1.0] * 4}), tmp_path / "val.parquet")
+    train_lora(tmp_path / "val.parquet", tmp_path / "aligned", model=model, epochs=10, learning_rate=1e-2, seed=0,
+               **LORA)
+    write_shard(pa.table({"response": ["Paris."]}), tmp_path / "exemplars.parquet")
+    strategies = [Strategy("current", temperature=1.0), Strategy("aligned", temperature=0.0, generator="aligned")]
+    questions = [QUESTION] * 3
+    chosen = choose_strategy(strategies, questions, out_path=tmp_path / "strategy.parquet", model=model,
+                             exemplars_path=tmp_path / "exemplars.parquet", k=1, max_new_tokens=8,
+                             batch_tokens=1024, seed=0, aligned_adapter=str(tmp_path / "aligned"),
+                             choose_by="validation_loss")
+    table = {r["strategy"]: r for r in read_shard(tmp_path / "strategy.parquet").to_pylist()}
+    assert chosen.name == "aligned" and table["aligned"]["chosen"] and not table["current"]["chosen"]
+    assert table["aligned"]["mean_validation_loss"] < table["current"]["mean_validation_loss"]
+    _, answers = strategy_sppl(strategies[1], questions, model=model, exemplars=["Paris."], k=1, max_new_tokens=8,
+                               batch_tokens=1024, seed=0, aligned_adapter=str(tmp_path / "aligned"))
+    expected = validation_loss(questions, answers, model=model, aligned_adapter=str(tmp_path / "aligned"),
+                               batch_tokens=1024)
+    assert table["aligned"]["mean_validation_loss"] == pytest.approx(float(expected.mean()), rel=1e-5)
+
+
+def test_choose_by_validation_loss_without_pi_v_fails_fast(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="'validation_loss' scores the answers under pi_V"):
+        choose_strategy([Strategy("current")], [QUESTION], out_path=tmp_path / "s.parquet",
+                        model=ModelSpec(str(tiny_model_dir), "fp32", None, 128), exemplars_path=tmp_path / "e.parquet",
+                        k=1, max_new_tokens=4, batch_tokens=1024, seed=0, choose_by="validation_loss")

@@ -9,8 +9,9 @@ BDS + online refinement, `--rounds` rounds (default 3), each continuing the prev
 - the questions BDS dropped (dynamic: the lowest-weight 30% = 1 - budget) keep their question and lose their
   offline response (round 2 and 3 reuse round 1's selection; the product's flow re-runs BDS every iteration);
 - three generation strategies answer 50 of them once and the one with the lowest self-aligned perplexity under
-  the round's model is chosen (tasks/strategy.py): `current` (the round's model), `system_prompt` (the same
-  model after a safety system prompt, rendered by the chat template) and `aligned` (pi_V itself generates);
+  the round's model is chosen (tasks/strategy.py; `--choose-by validation_loss`: the lowest mean loss of the
+  answers under pi_V): `current` (the round's model), `system_prompt` (the same model after a safety system
+  prompt, rendered by the chat template) and `aligned` (pi_V itself generates);
 - the chosen strategy writes G=4 responses per question (temperature 0.8, top_p 1.0, so the recorded
   log-probabilities are the sampling distribution's), BMO weights them against pi_V (`--methods`: sequence and/or
   token), and a LoRA adapter is trained on the kept pool rows + the weighted generations + the validation pairs.
@@ -81,12 +82,12 @@ def harmful_refusal_share(gens: list[Path], labels: dict[str, str]) -> float:
 
 
 def run_round(seed_work: Path, method: str, round_: int, previous: str | None, labels: dict[str, str],
-              harmful: list[str]) -> dict:
+              harmful: list[str], choose_by: str) -> dict:
     pool, validation, test = (list_shards(seed_work / split) for split in ("pool", "validation", "test"))
     weights = seed_work / "methods" / "bds" / "weights.parquet"
     aligned = str(seed_work / "methods" / "bds" / "bds" / "adapter")
     seed = int(seed_work.name.split("-")[-1])
-    online = seed_work / "online"
+    online = online_dir(seed_work, choose_by)
     model = BASE.with_adapter(previous)
     # round 1's model is the base for every weighting: its strategy choice and generations are shared
     shared = online / ("round-001-shared" if round_ == 1 else f"{method}/round-{round_:03d}")
@@ -103,7 +104,7 @@ def run_round(seed_work: Path, method: str, round_: int, previous: str | None, l
     chosen = choose_strategy(STRATEGIES, questions[:STRATEGY_QUESTIONS], out_path=shared / "strategy.parquet",
                              model=model, exemplars_path=shared / "exemplars.parquet", k=score_cfg.sppl_k,
                              max_new_tokens=MAX_NEW_TOKENS, batch_tokens=4096, seed=seed * 1_009 + round_,
-                             aligned_adapter=aligned)
+                             aligned_adapter=aligned, choose_by=choose_by)
     strategy_seconds = time.time() - t0
     writer = generator_spec(chosen, model, aligned)
     params = generate.SamplingParams(G, TEMPERATURE, 1.0, MAX_NEW_TOKENS, 8)
@@ -127,9 +128,11 @@ def run_round(seed_work: Path, method: str, round_: int, previous: str | None, l
                      **train.lora_settings(cfg), seed=seed + round_)
     train_seconds = time.time() - t0
     all_w = [w for p in gen_weights for w in read_shard(p, columns=["weight"])["weight"].to_pylist()]
+    compared = read_shard(shared / "strategy.parquet").to_pylist()
     return {"round": round_, **evaluated(out, validation, test, harmful),
-            "coverage": coverage(pool, out / "train_set.parquet"), "strategy": chosen.name,
-            "strategy_sppl": {r["strategy"]: r["mean_sppl"] for r in read_shard(shared / "strategy.parquet").to_pylist()},
+            "coverage": coverage(pool, out / "train_set.parquet"), "strategy": chosen.name, "choose_by": choose_by,
+            "strategy_sppl": {r["strategy"]: r["mean_sppl"] for r in compared},
+            "strategy_validation_loss": {r["strategy"]: r.get("mean_validation_loss") for r in compared},
             **generation_summary(gens, gen_weights),
             "harmful_regenerated_refusal_share": harmful_refusal_share(gens, labels),
             "questions_refined": len(refined), "responses": len(all_w),
@@ -152,6 +155,11 @@ def control_round(out: Path, pool, weights, validation, test, model: ModelSpec, 
             "coverage": coverage(pool, out / "train_set.parquet"),
             "train_rows": read_shard(out / "train_set.parquet", columns=["weight"]).num_rows,
             "train_seconds": round(train_seconds, 1)}
+
+
+def online_dir(seed_work: Path, choose_by: str) -> Path:
+    """Each strategy criterion's rounds apart (they share nothing after the selection)."""
+    return seed_work / ("online" if choose_by == "sppl" else f"online-{choose_by}")
 
 
 def evaluated(out: Path, validation, test, harmful: list[str]) -> dict:
@@ -217,6 +225,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/online/results.json")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--choose-by", default="sppl", choices=["sppl", "validation_loss"],
+                        help="the strategy criterion (tasks/strategy.py); each writes its own --out")
     parser.add_argument("--methods", nargs="+", default=["sequence"],
                         choices=["sequence", "token", "uniform", "none"])
     args = parser.parse_args()
@@ -238,8 +248,8 @@ def main() -> None:
                 rounds = [{"round": 1, **entry["offline_bds"], "strategy": "none", "strategy_sppl": {}}]
             for round_ in range(first, args.rounds + 1):
                 t0 = time.time()
-                rounds.append(run_round(seed_work, method, round_, previous, labels, harmful))
-                previous = str(seed_work / "online" / method / f"round-{round_:03d}" / "adapter")
+                rounds.append(run_round(seed_work, method, round_, previous, labels, harmful, args.choose_by))
+                previous = str(online_dir(seed_work, args.choose_by) / method / f"round-{round_:03d}" / "adapter")
                 entry["online"][method] = rounds
                 log(f"seed {seed} {method} round {round_} ({time.time() - t0:.0f} s): {json.dumps(rounds[-1])}")
                 write_report(args.out, report, args, started)  # after every round: a killed run keeps it
@@ -250,7 +260,7 @@ def write_report(out: Path, report: dict, args, started: float) -> None:
         "benchmark": "online", "date": dt.date.today().isoformat(), "G": G, "fraction": FRACTION,
         "temperature": TEMPERATURE, "top_p": 1.0, "max_new_tokens": MAX_NEW_TOKENS, "rounds": args.rounds,
         "strategy_questions": STRATEGY_QUESTIONS, "safety_system_prompt": SAFETY_SYSTEM,
-        "strategies": [s.name for s in STRATEGIES], "inference_dtype": DTYPE, "train": vars(TrainConfig()),
+        "strategies": [s.name for s in STRATEGIES], "choose_by": args.choose_by, "inference_dtype": DTYPE, "train": vars(TrainConfig()),
         "summary": summarize(report["seeds"]),
         "last_invocation_seconds": round(time.time() - started, 1)})
     out.parent.mkdir(parents=True, exist_ok=True)
