@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 
+CRITERIA = {"sppl": "SPPL", "validation_loss": "the loss of their answers under pi_V"}
+
+
 def cell(m: dict, digits: int = 3) -> str:
     if m["n"] == 0 or math.isnan(m["mean"]):
         return "n/a"
@@ -19,7 +22,7 @@ def main(path: Path) -> None:
     s = r["summary"]
     print(f"G={r['G']} responses for the {r['fraction']:.0%} lowest-weight questions, temperature {r['temperature']}, "
           f"top_p {r['top_p']}, {r['max_new_tokens']} new tokens, strategies {', '.join(r['strategies'])} "
-          f"(chosen by SPPL on {r['strategy_questions']} questions); {r['date']}; seeds {', '.join(r['seeds'])}; "
+          f"(chosen by {CRITERIA[r.get('choose_by', 'sppl')]} on {r['strategy_questions']} questions); {r['date']}; seeds {', '.join(r['seeds'])}; "
           "mean ± standard error over seeds.\n")
     print("| setting | round | seeds | coverage | refusal rate | benign test loss | validation loss | regenerated "
           "that refuse (harmful qs) | BMO ESS / n | strategy chosen |")
@@ -45,15 +48,20 @@ def main(path: Path) -> None:
             print(f"| {name} | {m['round']} | {cell(m['refusal_rate_minus_offline_bds'])} | "
                   f"{cell(m['test_loss_minus_offline_bds'], 4)} | {cell(m['refusal_rate_minus_control'])} | "
                   f"{cell(m['test_loss_minus_control'], 4)} |")
-    print("\nMean SPPL of each strategy (per seed and round; lower = chosen):\n")
     names = r["strategies"]
-    print("| seed | weights | round | " + " | ".join(names) + " |")
-    print("|---:|---|---:|" + "---:|" * len(names))
+    print("\nEach strategy's mean SPPL under the round's model, and mean loss of its answers under pi_V "
+          "(per seed and round; * = chosen):\n")
+    print("| seed | weights | round | " + " | ".join(f"{n} SPPL" for n in names) + " | "
+          + " | ".join(f"{n} pi_V loss" for n in names) + " |")
+    print("|---:|---|---:|" + "---:|" * 2 * len(names))
     for seed, entry in sorted(r["seeds"].items()):
         for method, rounds in entry["online"].items():
             for m in (m for m in rounds if m["strategy_sppl"]):
+                losses = m.get("strategy_validation_loss", {})
+                mark = {n: "*" if n == m["strategy"] else "" for n in names}
                 print(f"| {seed} | `{method}` | {m['round']} | "
-                      + " | ".join(f"{m['strategy_sppl'][n]:.2f}" for n in names) + " |")
+                      + " | ".join(f"{m['strategy_sppl'][n]:.2f}{mark[n]}" for n in names) + " | "
+                      + " | ".join(f"{losses[n]:.3f}" if losses.get(n) is not None else "n/a" for n in names) + " |")
 
 
 if __name__ == "__main__":
