@@ -257,8 +257,9 @@ class GenerateConfig(Section):
     strategies: list[StrategyConfig] = Field(default_factory=list, description=(
         "candidate generators; the one chosen by `choose_by` generates"))
     strategy_questions: int = Field(50, description="questions each candidate answers for the comparison")
-    choose_by: typing.Literal["sppl", "validation_loss"] = Field("sppl", description=(
-        "the strategy chosen: lowest self-aligned perplexity, or lowest loss of its answers under pi_V"))
+    # validation_loss by measurement: on benchmarks/online it chose pi_V as the generator and beat SPPL's choice
+    choose_by: typing.Literal["sppl", "validation_loss"] = Field("validation_loss", description=(
+        "the strategy chosen: lowest loss of its answers under pi_V, or lowest self-aligned perplexity"))
 
     def check(self) -> Iterator[str]:
         names = [s.name for s in self.strategies]
@@ -399,7 +400,7 @@ class CurateConfig(Section):
                 and not selector.aligns and self.score.davir_reference != "validation"):
             yield ("generate.choose_by: 'validation_loss' scores the strategies' answers under pi_V; with "
                    f"select.method {self.select.method!r} that is the reference adapter, so "
-                   "score.davir_reference must be 'validation'")
+                   "score.davir_reference must be 'validation' (or choose_by: sppl)")
         if self.backend == "vllm" and any(st.model for st in self.generate.strategies):
             yield ("generate.strategies: backend vllm serves one model; a strategy with its own `model` needs "
                    "backend: hf")
