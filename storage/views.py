@@ -24,16 +24,20 @@ PARQUET_VIEWS = {
 # the strategy table does not name its iteration; its directory does
 ITERATION_FROM_PATH = {
     "strategies": ", CAST(regexp_extract(filename, '/iter-([0-9]+)/', 1) AS INTEGER) AS iteration"}
-# Which responses were regenerated for a question, by which strategy and adapter (the previous iteration's; NULL =
-# the base model), with what BMO weight, and whether they replaced offline responses the selector had dropped;
-# needs both Parquet views.
+# Which responses were regenerated for a question, by which strategy and adapter (NULL = none: the base model or
+# a strategy's own model), with what BMO weight, and whether they replaced offline responses the selector had
+# dropped; needs both Parquet views. Shards written before `generator_adapter` existed were all written by the
+# previous iteration's adapter.
 REGENERATED_VIEW = """CREATE OR REPLACE {kind} VIEW regenerated AS
-    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator, {strategy},
-           prev.adapter_path AS generated_by_adapter, {replaced_dropped}, w.weight, w.ratio, w.method, w.reason
+    SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator,
+           {strategy} AS strategy,
+           CASE WHEN {generator_adapter} IS NULL THEN prev.adapter_path ELSE nullif({generator_adapter}, '') END
+               AS generated_by_adapter,
+           {replaced_dropped} AS replaced_dropped, w.weight, w.ratio, w.method, w.reason
     FROM generations g JOIN generation_weights w USING (run_id, response_id)
     LEFT JOIN iterations prev ON prev.run_id = g.run_id AND prev.iteration = g.iteration - 1"""
 # generation shards written before these columns existed read as NULL
-LATER_GENERATION_COLUMNS = {"strategy": "VARCHAR", "replaced_dropped": "BOOLEAN"}
+LATER_GENERATION_COLUMNS = {"strategy": "VARCHAR", "replaced_dropped": "BOOLEAN", "generator_adapter": "VARCHAR"}
 
 
 def create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path, temporary: bool = True) -> list[str]:
@@ -51,7 +55,7 @@ def create_parquet_views(con: duckdb.DuckDBPyConnection, root: Path, temporary: 
         created.append(name)
     if {"generations", "generation_weights"} <= set(created):
         have = {row[0] for row in con.execute("DESCRIBE generations").fetchall()}
-        columns = {name: f"g.{name}" if name in have else f"CAST(NULL AS {sql_type}) AS {name}"
+        columns = {name: f"g.{name}" if name in have else f"CAST(NULL AS {sql_type})"
                    for name, sql_type in LATER_GENERATION_COLUMNS.items()}
         con.execute(REGENERATED_VIEW.format(kind=kind, **columns))
         created.append("regenerated")

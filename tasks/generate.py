@@ -31,6 +31,9 @@ GENERATION_SCHEMA = pa.schema([
     # the strategy that wrote the response, and whether the question's offline responses had all been dropped
     # by the selector (False: refined though kept, e.g. `fixed` refinement)
     ("strategy", pa.string()), ("replaced_dropped", pa.bool_()),
+    # the generator's adapter directory ("" = none: the base model or a strategy's own model); pi_V's for an
+    # `aligned` strategy, so the catalog need not guess it from the iteration
+    ("generator_adapter", pa.string()),
 ])
 
 
@@ -195,6 +198,7 @@ def generate_shard(refine_shard: Path, out_path: Path, *, model: ModelSpec, para
         "generator": [fingerprint] * len(flat_r), "iteration": [iteration] * len(flat_r),
         "seed": [seed] * len(flat_r), "strategy": [strategy] * len(flat_r),
         "replaced_dropped": [dropped[i] for i in flat_q],
+        "generator_adapter": [str(model.adapter or "")] * len(flat_r),
     }, schema=GENERATION_SCHEMA)
     return {**write_shard(out, out_path, producer, inputs), "skipped": False}
 

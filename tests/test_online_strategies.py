@@ -162,3 +162,32 @@ def test_choose_by_validation_loss_without_pi_v_fails_fast(tmp_path, tiny_model_
         choose_strategy([Strategy("current")], [QUESTION], out_path=tmp_path / "s.parquet",
                         model=ModelSpec(str(tiny_model_dir), "fp32", None, 128), exemplars_path=tmp_path / "e.parquet",
                         k=1, max_new_tokens=4, batch_tokens=1024, seed=0, choose_by="validation_loss")
+
+
+def test_regenerated_names_the_adapter_that_wrote_each_response(tmp_path):
+    """pi_V's path for an aligned strategy, NULL for none (''), and for shards written before the column the
+    previous iteration's adapter, which wrote every response then."""
+    root, rows = tmp_path / "root", []
+    for run, adapter in (("aligned", "/a/pi_v"), ("own_model", ""), ("old", None)):
+        gen = {"question_id": ["q"], "response_id": [f"r-{run}"], "prompt": ["P"], "response": ["R"],
+               "generator": ["g"], "iteration": [2]}
+        if adapter is not None:
+            gen["generator_adapter"] = [adapter]
+        write_shard(pa.table(gen), root / "runs" / run / "iter-002" / "generations" / "shard-00000.parquet")
+        write_shard(pa.table({"response_id": [f"r-{run}"], "weight": [1.0], "ratio": [1.0], "method": ["sequence"],
+                              "reason": [""]}), root / "runs" / run / "iter-002" / "generation_weights" / "shard-00000.parquet")
+        rows.append((run, 1, f"/runs/{run}/iter-001/adapter"))
+    con = duckdb.connect()
+    con.execute("create table iterations (run_id varchar, iteration int, adapter_path varchar)")
+    con.executemany("insert into iterations values (?, ?, ?)", rows)
+    create_parquet_views(con, root)
+    got = dict(con.execute("select run_id, generated_by_adapter from regenerated").fetchall())
+    assert got == {"aligned": "/a/pi_v", "own_model": None, "old": "/runs/old/iter-001/adapter"}
+
+
+def test_generate_shard_records_the_generators_adapter(tmp_path, tiny_model_dir):
+    refine = _refine_shard(tmp_path / "refine.parquet", [QUESTION])
+    params = SamplingParams(1, 0.0, 1.0, 4, 8)
+    generate_shard(refine, tmp_path / "base.parquet", model=ModelSpec(str(tiny_model_dir), "fp32", None, 128),
+                   params=params, batch_tokens=1024, seed=0, iteration=1)
+    assert read_shard(tmp_path / "base.parquet")["generator_adapter"].to_pylist() == [""]
