@@ -27,12 +27,15 @@ ITERATION_FROM_PATH = {
 # Which responses were regenerated for a question, by which strategy and adapter (NULL = none: the base model or
 # a strategy's own model), with what BMO weight, and whether they replaced offline responses the selector had
 # dropped; needs both Parquet views. Shards written before `generator_adapter` existed were all written by the
-# previous iteration's adapter.
+# previous iteration's adapter. A relative generator_adapter is relative to its run directory.
 REGENERATED_VIEW = """CREATE OR REPLACE {kind} VIEW regenerated AS
     SELECT g.run_id, g.iteration, g.question_id, g.response_id, g.prompt, g.response, g.generator,
            {strategy} AS strategy,
-           CASE WHEN {generator_adapter} IS NULL THEN prev.adapter_path ELSE nullif({generator_adapter}, '') END
-               AS generated_by_adapter,
+           CASE WHEN {generator_adapter} IS NULL THEN prev.adapter_path
+                WHEN {generator_adapter} = '' THEN NULL
+                WHEN starts_with({generator_adapter}, '/') THEN {generator_adapter}
+                ELSE regexp_extract(g.filename, '^(.*/runs/[^/]+)/', 1) || '/' || {generator_adapter}
+           END AS generated_by_adapter,
            {replaced_dropped} AS replaced_dropped, w.weight, w.ratio, w.method, w.reason
     FROM generations g JOIN generation_weights w USING (run_id, response_id)
     LEFT JOIN iterations prev ON prev.run_id = g.run_id AND prev.iteration = g.iteration - 1"""

@@ -32,7 +32,8 @@ GENERATION_SCHEMA = pa.schema([
     # by the selector (False: refined though kept, e.g. `fixed` refinement)
     ("strategy", pa.string()), ("replaced_dropped", pa.bool_()),
     # the generator's adapter directory ("" = none: the base model or a strategy's own model); pi_V's for an
-    # `aligned` strategy, so the catalog need not guess it from the iteration
+    # `aligned` strategy, so the catalog need not guess it from the iteration. Relative to the run directory when
+    # it lies in it, so that a run's outputs do not depend on where its root is (a resumed or moved run matches)
     ("generator_adapter", pa.string()),
 ])
 
@@ -163,6 +164,17 @@ def sample_responses(model, tokenizer, questions: list[str], params: SamplingPar
     return [out[i] for i in range(len(prompts))]
 
 
+def adapter_in_run(adapter: str | None, out_path: Path) -> str:
+    """`adapter` relative to the `runs/<run_id>` directory that holds `out_path`, when it lies in it."""
+    if not adapter:
+        return ""
+    adapter_dir = Path(adapter).resolve()
+    run_dir = next((d for d in Path(out_path).resolve().parents if d.parent.name == "runs"), None)
+    if run_dir is not None and adapter_dir.is_relative_to(run_dir):
+        return str(adapter_dir.relative_to(run_dir))
+    return str(adapter_dir)
+
+
 def generate_shard(refine_shard: Path, out_path: Path, *, model: ModelSpec, params: SamplingParams,
                    batch_tokens: int, seed: int, iteration: int, producer: str = "", template: str = "{question}",
                    system: str = "", strategy: str = "default", vllm_url: str = "") -> dict:
@@ -198,7 +210,7 @@ def generate_shard(refine_shard: Path, out_path: Path, *, model: ModelSpec, para
         "generator": [fingerprint] * len(flat_r), "iteration": [iteration] * len(flat_r),
         "seed": [seed] * len(flat_r), "strategy": [strategy] * len(flat_r),
         "replaced_dropped": [dropped[i] for i in flat_q],
-        "generator_adapter": [str(model.adapter or "")] * len(flat_r),
+        "generator_adapter": [adapter_in_run(model.adapter, out_path)] * len(flat_r),
     }, schema=GENERATION_SCHEMA)
     return {**write_shard(out, out_path, producer, inputs), "skipped": False}
 

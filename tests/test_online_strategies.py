@@ -9,7 +9,7 @@ import pytest
 from storage.shards import read_shard, write_shard
 from storage.views import create_parquet_views
 from tasks.coverage import generation_summary
-from tasks.generate import SamplingParams, generate_shard, plan_refinement, prompt_ids, sample_responses
+from tasks.generate import SamplingParams, adapter_in_run, generate_shard, plan_refinement, prompt_ids, sample_responses
 from tasks.models import ModelSpec, load_model, load_tokenizer
 from tasks.reweight import reweight_shard
 from tasks.strategy import Strategy, choose_strategy, generator_spec, strategy_sppl, validation_loss
@@ -168,7 +168,7 @@ def test_regenerated_names_the_adapter_that_wrote_each_response(tmp_path):
     """pi_V's path for an aligned strategy, NULL for none (''), and for shards written before the column the
     previous iteration's adapter, which wrote every response then."""
     root, rows = tmp_path / "root", []
-    for run, adapter in (("aligned", "/a/pi_v"), ("own_model", ""), ("old", None)):
+    for run, adapter in (("aligned", "/a/pi_v"), ("in_run", "reference/adapter"), ("own_model", ""), ("old", None)):
         gen = {"question_id": ["q"], "response_id": [f"r-{run}"], "prompt": ["P"], "response": ["R"],
                "generator": ["g"], "iteration": [2]}
         if adapter is not None:
@@ -182,7 +182,8 @@ def test_regenerated_names_the_adapter_that_wrote_each_response(tmp_path):
     con.executemany("insert into iterations values (?, ?, ?)", rows)
     create_parquet_views(con, root)
     got = dict(con.execute("select run_id, generated_by_adapter from regenerated").fetchall())
-    assert got == {"aligned": "/a/pi_v", "own_model": None, "old": "/runs/old/iter-001/adapter"}
+    assert got == {"aligned": "/a/pi_v", "in_run": str(root / "runs" / "in_run" / "reference" / "adapter"),
+                   "own_model": None, "old": "/runs/old/iter-001/adapter"}
 
 
 def test_generate_shard_records_the_generators_adapter(tmp_path, tiny_model_dir):
@@ -191,3 +192,11 @@ def test_generate_shard_records_the_generators_adapter(tmp_path, tiny_model_dir)
     generate_shard(refine, tmp_path / "base.parquet", model=ModelSpec(str(tiny_model_dir), "fp32", None, 128),
                    params=params, batch_tokens=1024, seed=0, iteration=1)
     assert read_shard(tmp_path / "base.parquet")["generator_adapter"].to_pylist() == [""]
+
+
+def test_adapter_in_run_is_relative_to_its_run_directory(tmp_path):
+    """so that a run's outputs hash the same wherever its root is (the resume test compares two roots)"""
+    out = tmp_path / "runs" / "r" / "iter-002" / "generations" / "shard-00000.parquet"
+    assert adapter_in_run(str(tmp_path / "runs" / "r" / "iter-001" / "adapter"), out) == "iter-001/adapter"
+    assert adapter_in_run(str(tmp_path / "elsewhere"), out) == str(tmp_path / "elsewhere")
+    assert adapter_in_run(None, out) == ""
