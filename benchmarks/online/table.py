@@ -50,7 +50,7 @@ def main(path: Path) -> None:
                   f"{cell(m['test_loss_minus_control'], 4)} |")
     names = r["strategies"]
     print("\nEach strategy's mean SPPL under the round's model, and mean loss of its answers under pi_V "
-          "(per seed and round; * = chosen):\n")
+          "(per seed and round; * = chosen, on the column of the criterion that chose it):\n")
     print("| seed | weights | round | " + " | ".join(f"{n} SPPL" for n in names) + " | "
           + " | ".join(f"{n} pi_V loss" for n in names) + " |")
     print("|---:|---|---:|" + "---:|" * 2 * len(names))
@@ -58,10 +58,13 @@ def main(path: Path) -> None:
         for method, rounds in entry["online"].items():
             for m in (m for m in rounds if m["strategy_sppl"]):
                 losses = m.get("strategy_validation_loss", {})
+                by_loss = m.get("choose_by", "sppl") == "validation_loss"
                 mark = {n: "*" if n == m["strategy"] else "" for n in names}
+                sppl_mark, loss_mark = ({}, mark) if by_loss else (mark, {})
                 print(f"| {seed} | `{method}` | {m['round']} | "
-                      + " | ".join(f"{m['strategy_sppl'][n]:.2f}{mark[n]}" for n in names) + " | "
-                      + " | ".join(f"{losses[n]:.3f}" if losses.get(n) is not None else "n/a" for n in names) + " |")
+                      + " | ".join(f"{m['strategy_sppl'][n]:.2f}{sppl_mark.get(n, '')}" for n in names) + " | "
+                      + " | ".join(f"{losses[n]:.3f}{loss_mark.get(n, '')}" if losses.get(n) is not None else "n/a"
+                                   for n in names) + " |")
 
 
 if __name__ == "__main__":
