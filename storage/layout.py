@@ -9,6 +9,11 @@ def catalog_path(root: Path) -> Path:
     return Path(root) / "catalog.duckdb"
 
 
+def run_dir_holding(path: Path) -> Path | None:
+    """The `<root>/runs/<run_id>` directory that `path` lies in, if any."""
+    return next((d for d in Path(path).resolve().parents if d.parent.name == "runs"), None)
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: Path

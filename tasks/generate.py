@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from storage.inputs import describe_inputs, is_current
+from storage.layout import run_dir_holding
 from storage.shards import manifest_path, read_manifest, read_shard, shard_name, write_shard
 from tasks.ingest import make_id
 from tasks.models import ModelSpec, load_model, load_tokenizer, model_fingerprint, render_prompt, stop_token_ids
@@ -169,7 +170,7 @@ def adapter_in_run(adapter: str | None, out_path: Path) -> str:
     if not adapter:
         return ""
     adapter_dir = Path(adapter).resolve()
-    run_dir = next((d for d in Path(out_path).resolve().parents if d.parent.name == "runs"), None)
+    run_dir = run_dir_holding(out_path)
     if run_dir is not None and adapter_dir.is_relative_to(run_dir):
         return str(adapter_dir.relative_to(run_dir))
     return str(adapter_dir)
