@@ -159,10 +159,12 @@ def run_bds(pool_shards: list[Path], validation_shards: list[Path], *, out_dir: 
                     val_batch = val_order[val_cursor: val_cursor + val_batch_size]
                     val_cursor += val_batch_size
                     pool_part = [encoded[i] for i in batch]
+                    # two forwards, not one over both: each pads to its own longest row (the pool batch is
+                    # length-sorted, the validation batch is not), ~8% fewer tokens per epoch, same losses
                     with _precision(autocast):
-                        per_sample = _losses(net, [val_encoded[i] for i in val_batch] + pool_part, tokenizer)
+                        val_loss = _losses(net, [val_encoded[i] for i in val_batch], tokenizer).mean()
+                        theta_losses = _losses(net, pool_part, tokenizer)
                     index = torch.as_tensor(offsets[s] + np.array(batch), dtype=torch.long)
-                    val_loss, theta_losses = per_sample[: len(val_batch)].mean(), per_sample[len(val_batch):]
                     if bds.value_function:
                         u_losses = []
 
